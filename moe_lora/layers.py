@@ -1,0 +1,348 @@
+r"""The LoRA layer: a frozen base projection plus a bank of low-rank experts, mixed per forward.
+
+::
+
+    x ──► base(x) ──────────────────────────────────────────────┐
+    │                                                           ▼
+    └──► dropout ──► A_e [r_e, in] ──► B_e [out, r_e] · s_e ──► Σ_e w_e(b, t) · (…) ──► y
+
+For expert e, ``delta_e(x) = s_e * B_e A_e x`` with ``s_e = alpha_e / r_e`` (or ``/ sqrt(r_e)``).
+How the experts are weighted comes from the shared :class:`RoutingContext` (see
+:mod:`moe_lora.routing`). Every mixed path is a batched tensor operation:
+
+* ``single``: two matmuls, fused into ``addmm`` (the cheapest path; also taken by a uniform batch);
+* ``sample`` (k experts per sample): the used experts' factors are gathered per row, padded to the
+  largest rank, and applied with two ``bmm`` calls: ``[B, T, in] @ [B, in, kR] @ [B, kR, out]``;
+* ``dense`` (weights over all experts): the used experts' factors are concatenated along the rank
+  axis, ``h = x @ A_cat^T`` ([.., U*R]) is scaled column-wise by the weights and projected by
+  ``B_cat``; all-zero weight columns are skipped and mostly-zero rows switch to the gathered path;
+* ``token`` (top-k per token): tokens are sorted by expert and each used expert runs once on its
+  tokens (standard MoE dispatch): unused experts cost nothing.
+
+Frozen experts are read from a padded stack ``[E, R, in]`` / ``[E, out, R]`` built lazily and rebuilt
+when the bank changes; trainable experts are stacked live so that gradients reach them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lora.config import ExpertConfig
+from moe_lora.routing import GateOutput, Routing
+
+__all__ = ["LoRALayer", "LoRAFactors", "RoutingContext", "is_supported", "base_weight_shape"]
+
+
+@dataclass
+class RoutingContext:
+    """State shared by all LoRA layers of one bank (not a module; holds no parameters).
+
+    Attributes:
+        routing: what applies to the next forward.
+        version: bumped on every change of the bank's experts (invalidates frozen stacks).
+        aux_losses: auxiliary losses reported by layer gates since the last pop.
+        last_probs: each gated layer's last gate probabilities [N, E] (detached), for inspection.
+        record: keep ``last_probs`` (off by default; it costs a copy per layer).
+    """
+
+    routing: Routing = field(default_factory=Routing.base)
+    version: int = 0
+    aux_losses: list[Tensor] = field(default_factory=list)
+    last_probs: dict[str, Tensor] = field(default_factory=dict)
+    record: bool = False
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``: ``nn.Linear`` or Hugging Face's GPT-2 ``Conv1D``."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def base_weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a supported module."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    w = module.weight  # Conv1D stores [in, out]
+    return int(w.shape[1]), int(w.shape[0])
+
+
+class LoRAFactors(nn.Module):
+    """One expert's factors in one layer: ``lora_A`` [rank, in] and ``lora_B`` [out, rank]."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: ExpertConfig, like: Tensor):
+        super().__init__()
+        kw = {"dtype": like.dtype, "device": like.device}
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.rank, **kw))
+        self.rank = cfg.rank
+        self.scale = cfg.scale
+        self.dropout = float(cfg.dropout)
+        self.reset(cfg.init)
+
+    @torch.no_grad()
+    def reset(self, init: str) -> None:
+        """Initialise the factors (see :class:`ExpertConfig.init`)."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "random":
+            nn.init.normal_(self.lora_B, std=0.02)
+        else:
+            self.lora_B.zero_()
+
+    def delta_weight(self) -> Tensor:
+        """``scale * B @ A`` as a dense [out, in] matrix."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+class LoRALayer(nn.Module):
+    """A frozen ``nn.Linear`` (or ``Conv1D``) carrying the bank's experts for this position.
+
+    Args:
+        base: the wrapped module; its parameters are frozen by the bank.
+        ctx: the bank's shared routing context.
+        path: the module's dotted path in the model (for messages and logs).
+
+    Shapes: input ``x`` [B, T, in] or [B, in]; output like ``base(x)``.
+    """
+
+    def __init__(self, base: nn.Module, ctx: RoutingContext, path: str):
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.out_features, self.in_features = base_weight_shape(base)
+        self.experts = nn.ModuleList()
+        self.gate: nn.Module | None = None
+        self.expert_calls = 0  # experts computed by the token path (observable sparsity)
+        object.__setattr__(self, "ctx", ctx)  # shared plain object, not a submodule
+        self._stack: tuple[int, Tensor, Tensor] | None = None
+        self._merged: Tensor | None = None
+
+    # ----------------------------------------------------------------- experts
+    def add(self, cfg: ExpertConfig) -> LoRAFactors:
+        """Append an expert's factors, initialised per ``cfg``."""
+        f = LoRAFactors(self.in_features, self.out_features, cfg, self.base.weight)
+        self.experts.append(f)
+        return f
+
+    def remove(self, index: int) -> None:
+        """Drop the expert at ``index`` (later indices shift down by one)."""
+        del self.experts[index]
+
+    def delta_weight(self, weights: dict[int, float]) -> Tensor:
+        """``sum_e w_e * s_e * B_e A_e`` as [out, in] for the given {expert index: weight}."""
+        w = self.base.weight
+        total = torch.zeros(self.out_features, self.in_features, dtype=w.dtype, device=w.device)
+        for e, we in weights.items():
+            total += float(we) * self.experts[e].delta_weight().detach()
+        return total
+
+    @torch.no_grad()
+    def merge(self, weights: dict[int, float]) -> None:
+        """Add the weighted experts' update into the base weight (undo with :meth:`unmerge`)."""
+        if self._merged is not None:
+            raise RuntimeError(f"{self.path}: already merged; call unmerge() first")
+        delta = self.delta_weight(weights)
+        self._add_to_base(delta)
+        self._merged = delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update from the base weight."""
+        if self._merged is not None:
+            self._add_to_base(-self._merged)
+            self._merged = None
+
+    def _add_to_base(self, delta: Tensor) -> None:
+        w = self.base.weight
+        w.add_(delta if isinstance(self.base, nn.Linear) else delta.t())
+
+    @property
+    def merged(self) -> bool:
+        """Whether an update is currently merged into the base weight."""
+        return self._merged is not None
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        routing = self.ctx.routing
+        if routing.kind == "base" or len(self.experts) == 0:
+            return y
+        if routing.kind == "gated":
+            return self._gated(x, y)
+        return self.apply_routing(x, y, routing)
+
+    def apply_routing(self, x: Tensor, y: Tensor, routing: Routing) -> Tensor:
+        """``y + sum_e w_e delta_e(x)`` for ``routing`` (``y`` is the base output)."""
+        if routing.kind == "single":
+            assert routing.expert is not None
+            return self._single(x, y, routing.expert)
+        assert routing.weights is not None
+        if routing.kind == "dense":
+            return self._dense(x, y, routing.weights)
+        assert routing.indices is not None
+        if routing.kind == "sample":
+            return self._sample(x, y, routing.indices, routing.weights)
+        if routing.kind == "token":
+            return self._token(x, y, routing.indices, routing.weights)
+        raise ValueError(f"unknown routing kind {routing.kind!r}")
+
+    def _gated(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.gate is None:
+            raise RuntimeError(f"{self.path}: routing is 'gated' but no gate is attached")
+        out: GateOutput = self.gate(x, self)
+        self.ctx.aux_losses.append(out.aux_loss)
+        if self.ctx.record and out.probs is not None:
+            self.ctx.last_probs[self.path] = out.probs.detach()
+        if out.delta is not None:
+            return y + out.delta.reshape(y.shape)
+        if out.routing is None:
+            raise RuntimeError(f"{self.path}: gate returned neither routing nor delta")
+        return self.apply_routing(x, y, out.routing)
+
+    def _dropout(self, x: Tensor, experts: list[int] | None = None) -> Tensor:
+        """Input dropout; mixed paths share one mask at the largest rate of the used experts."""
+        if not self.training:
+            return x
+        fs = self.experts if experts is None else [self.experts[e] for e in experts]
+        p = max((f.dropout for f in fs), default=0.0)
+        return F.dropout(x, p, training=True) if p > 0 else x
+
+    def _single(self, x: Tensor, y: Tensor, e: int) -> Tensor:
+        f = self.experts[e]
+        h = self._dropout(x, [e]).reshape(-1, self.in_features) @ f.lora_A.t()
+        out = torch.addmm(y.reshape(-1, self.out_features), h, f.lora_B.t(), alpha=f.scale)
+        return out.reshape(y.shape)
+
+    def stacked(self, experts: Tensor) -> tuple[Tensor, Tensor]:
+        """Factors of ``experts`` [U] padded to a common rank R, with the scale folded into B.
+
+        Returns:
+            ``A`` [U, R, in] and ``B`` [U, out, R]. Frozen experts come from a cached stack;
+            if any is trainable, all are stacked live so gradients flow.
+        """
+        ids = experts.tolist()
+        if any(self.experts[e].lora_A.requires_grad for e in ids):
+            return self._stack_live(ids)
+        _, a_all, b_all = self._frozen_stack()
+        return a_all.index_select(0, experts), b_all.index_select(0, experts)
+
+    def _stack_live(self, ids: list[int]) -> tuple[Tensor, Tensor]:
+        r = max(self.experts[e].rank for e in ids)
+        a = [F.pad(self.experts[e].lora_A, (0, 0, 0, r - self.experts[e].rank)) for e in ids]
+        b = [
+            F.pad(self.experts[e].lora_B * self.experts[e].scale, (0, r - self.experts[e].rank))
+            for e in ids
+        ]
+        return torch.stack(a), torch.stack(b)
+
+    def _frozen_stack(self) -> tuple[int, Tensor, Tensor]:
+        if self._stack is None or self._stack[0] != self.ctx.version:
+            with torch.no_grad():
+                a, b = self._stack_live(list(range(len(self.experts))))
+            self._stack = (self.ctx.version, a, b)
+        return self._stack
+
+    def clear_cache(self) -> None:
+        """Free the cached frozen stack (rebuilt on the next mixed forward)."""
+        self._stack = None
+
+    def _sample(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        bsz, k = indices.shape
+        if x.shape[0] != bsz:
+            raise ValueError(f"{self.path}: routing has {bsz} samples but the input has {x.shape[0]}")
+        weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
+        indices = indices.clamp_min(0)
+        uniq, inv = torch.unique(indices, return_inverse=True)
+        if uniq.numel() == 1 and k == 1 and bool((weights == 1).all()):
+            return self._single(x, y, int(uniq))  # uniform batch: fast path
+        a_u, b_u = self.stacked(uniq)
+        r = a_u.shape[1]
+        a_g = a_u[inv].reshape(bsz, k * r, self.in_features)  # [B, kR, in]
+        b_g = b_u[inv].permute(0, 2, 1, 3).reshape(bsz, self.out_features, k * r)  # [B, out, kR]
+        x3 = self._dropout(x, uniq.tolist()).reshape(bsz, -1, self.in_features)
+        h = torch.bmm(x3, a_g.transpose(1, 2))  # [B, T, kR]
+        h = h * weights.repeat_interleave(r, dim=1)[:, None, :]
+        out = torch.baddbmm(y.reshape(bsz, -1, self.out_features), h, b_g.transpose(1, 2))
+        return out.reshape(y.shape)
+
+    def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
+        n_exp = len(self.experts)
+        if weights.shape[-1] != n_exp:
+            raise ValueError(
+                f"{self.path}: dense weights have {weights.shape[-1]} experts, the bank has {n_exp}"
+            )
+        nonzero = weights != 0
+        used = nonzero.reshape(-1, n_exp).any(0).nonzero().squeeze(1)
+        if used.numel() == 0:
+            return y
+        k = int(nonzero.sum(-1).max())
+        if 2 * k < used.numel():  # mostly-zero rows: gather per sample / dispatch per token
+            w, idx = weights.topk(k, dim=-1)
+            sparse = Routing.per_sample if weights.dim() == 2 else Routing.per_token
+            return self.apply_routing(x, y, sparse(idx, w))
+        a_u, b_u = self.stacked(used)
+        u, r = a_u.shape[:2]
+        a_cat = a_u.reshape(u * r, self.in_features)
+        b_cat = b_u.permute(1, 0, 2).reshape(self.out_features, u * r)
+        w_cols = weights.index_select(-1, used).to(x.dtype).repeat_interleave(r, dim=-1)
+        if weights.dim() == 2 and x.dim() == 3:
+            w_cols = w_cols[:, None, :]
+        h = (self._dropout(x, used.tolist()) @ a_cat.t()) * w_cols
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, u * r), b_cat.t())
+        return out.reshape(y.shape)
+
+    def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        if indices.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"{self.path}: per-token routing {tuple(indices.shape[:2])} does not match the "
+                f"input's [B, T] = {tuple(x.shape[:2])}"
+            )
+        k = indices.shape[-1]
+        flat_e = indices.reshape(-1)
+        flat_w = weights.reshape(-1).to(x.dtype)
+        keep = (flat_e >= 0) & (flat_w != 0)
+        slots = keep.nonzero().squeeze(1)
+        order = slots[torch.argsort(flat_e[slots], stable=True)]
+        experts, counts = torch.unique_consecutive(flat_e[order], return_counts=True)
+        x2 = self._dropout(x, experts.tolist()).reshape(-1, self.in_features)
+        delta = torch.zeros_like(y).reshape(-1, self.out_features)
+        start = 0
+        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
+            pos = order[start : start + c]
+            start += c
+            tok = pos // k
+            f = self.experts[e]
+            h = x2.index_select(0, tok) @ f.lora_A.t()
+            d = (h @ f.lora_B.t()) * (f.scale * flat_w.index_select(0, pos))[:, None]
+            delta.index_add_(0, tok, d)
+            self.expert_calls += 1
+        return y + delta.reshape(y.shape)
+
+    def expert_outputs(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
+        """Each expert's own output ``delta_e(x)``, stacked: [..., U, out] (no base, no weights).
+
+        ``experts`` [U] selects experts (default: all, in bank order). Used by gates that look at
+        expert outputs (MoLE).
+        """
+        ids = torch.arange(len(self.experts), device=x.device) if experts is None else experts
+        a_u, b_u = self.stacked(ids)
+        h = torch.einsum("...i,uri->...ur", self._dropout(x, ids.tolist()), a_u)
+        return torch.einsum("...ur,uor->...uo", h, b_u)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, in={self.in_features}, out={self.out_features}, experts={len(self.experts)}"

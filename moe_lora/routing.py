@@ -1,0 +1,238 @@
+"""Routing types shared by the expert bank and every router.
+
+A *routing* says which experts of the bank act on the next forward pass and with what weight. It is
+one of five shapes (E is the number of experts in the bank, in bank order):
+
+=================  ==========================  ================================================
+kind               tensors                     meaning
+=================  ==========================  ================================================
+``base``           none                        no expert acts (the frozen base model)
+``single``         ``expert: int``             one expert for every sample and token
+``sample``         ``indices [B, k]``,         per sample, k experts with weights (k=1 is one
+                   ``weights [B, k]``          expert per sample: a heterogeneous batch)
+``dense``          ``weights [B, E]`` or       a weight for every expert, per sample or per token;
+                   ``weights [B, T, E]``       zero columns are skipped
+``token``          ``indices [B, T, k]``,      per token, k experts with weights (top-k token
+                   ``weights [B, T, k]``       routing); only the chosen experts are computed
+``gated``          none                        each LoRA layer's attached gate decides
+=================  ==========================  ================================================
+
+Routers (``moe_lora.routers``) produce a :class:`RouterOutput`; sample-level routers are called once
+per batch and their output is turned into a :class:`Routing` with :meth:`Routing.from_output`;
+layer-level gates (MoLE, top-k) run inside each LoRA layer and implement :class:`LayerGate`.
+The core only knows these protocols; it never imports a concrete router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moe_lora.layers import LoRALayer
+
+__all__ = [
+    "Routing",
+    "RouterInput",
+    "RouterOutput",
+    "Router",
+    "LayerGate",
+    "GateOutput",
+    "register_router",
+    "get_router",
+    "router_names",
+]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which experts act on the next forward, and with what weight (see the module docstring).
+
+    Build one with the classmethods rather than the constructor.
+    """
+
+    kind: str = "base"
+    expert: int | None = None
+    indices: Tensor | None = None
+    weights: Tensor | None = None
+
+    @classmethod
+    def base(cls) -> Routing:
+        """No expert acts."""
+        return cls("base")
+
+    @classmethod
+    def gated(cls) -> Routing:
+        """Each LoRA layer asks its attached :class:`LayerGate` (see ``ExpertBank.attach_gates``)."""
+        return cls("gated")
+
+    @classmethod
+    def single(cls, expert: int) -> Routing:
+        """Expert ``expert`` (bank index) acts on the whole batch with weight 1."""
+        return cls("single", expert=int(expert))
+
+    @classmethod
+    def per_sample(cls, indices: Tensor, weights: Tensor | None = None) -> Routing:
+        """Per-sample experts: ``indices`` [B] or [B, k] (long), ``weights`` [B, k] (default 1).
+
+        Raises:
+            ValueError: shapes disagree.
+        """
+        if indices.dim() == 1:
+            indices = indices[:, None]
+        if indices.dim() != 2:
+            raise ValueError(f"per-sample indices must be [B] or [B, k], got {tuple(indices.shape)}")
+        if weights is None:
+            weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+        elif weights.dim() == 1:
+            weights = weights[:, None]
+        if weights.shape != indices.shape:
+            raise ValueError(
+                f"per-sample weights {tuple(weights.shape)} must match indices {tuple(indices.shape)}"
+            )
+        return cls("sample", indices=indices.long(), weights=weights)
+
+    @classmethod
+    def dense(cls, weights: Tensor) -> Routing:
+        """A weight for every expert: ``weights`` [B, E] (per sample) or [B, T, E] (per token)."""
+        if weights.dim() not in (2, 3):
+            raise ValueError(f"dense weights must be [B, E] or [B, T, E], got {tuple(weights.shape)}")
+        return cls("dense", weights=weights)
+
+    @classmethod
+    def per_token(cls, indices: Tensor, weights: Tensor) -> Routing:
+        """Top-k per token: ``indices`` and ``weights`` both [B, T, k]."""
+        if indices.dim() != 3 or weights.shape != indices.shape:
+            raise ValueError(
+                "per-token routing needs indices and weights of the same shape [B, T, k], got "
+                f"{tuple(indices.shape)} and {tuple(weights.shape)}"
+            )
+        return cls("token", indices=indices.long(), weights=weights)
+
+    @classmethod
+    def from_output(cls, out: RouterOutput) -> Routing:
+        """Turn a router's output into a routing: sparse (indices given) or dense weights."""
+        if out.indices is None:
+            return cls.dense(out.weights)
+        if out.indices.dim() == 3:
+            return cls.per_token(out.indices, out.weights)
+        return cls.per_sample(out.indices, out.weights)
+
+    @property
+    def batch_size(self) -> int | None:
+        """B for the kinds that fix it, else None."""
+        t = self.indices if self.indices is not None else self.weights
+        return None if t is None else int(t.shape[0])
+
+
+@dataclass
+class RouterInput:
+    """What a router may look at. Each router uses the fields it needs and says which it requires.
+
+    Attributes:
+        hidden: hidden states [B, T, D] or pooled features [B, D].
+        attention_mask: [B, T], 1 for real tokens, 0 for padding.
+        texts: the raw input texts, length B (retrieval routing embeds these).
+        task_ids: [B] long, the known task of each sample (task-id routing).
+    """
+
+    hidden: Tensor | None = None
+    attention_mask: Tensor | None = None
+    texts: list[str] | None = None
+    task_ids: Tensor | None = None
+
+
+@dataclass
+class RouterOutput:
+    """A router's decision.
+
+    Attributes:
+        weights: [B, E] / [B, T, E] dense over the bank's experts, or [B, k] / [B, T, k] when
+            ``indices`` is given.
+        aux_loss: scalar auxiliary loss (zero when the router has none).
+        indices: optional [B, k] / [B, T, k] expert indices for sparse routing.
+        extras: router-specific diagnostics (for logging), e.g. similarity scores.
+    """
+
+    weights: Tensor
+    aux_loss: Tensor = field(default_factory=lambda: torch.zeros(()))
+    indices: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Router(Protocol):
+    """A sample-level router: one decision per batch, applied to every LoRA layer."""
+
+    def route(self, batch: RouterInput) -> RouterOutput:
+        """Return routing weights over the bank's experts for ``batch``."""
+        ...
+
+
+@dataclass
+class GateOutput:
+    """What a layer gate returns for one LoRA layer's input.
+
+    Attributes:
+        routing: the routing to apply in this layer (``dense`` or ``token`` kind), or None when the
+            gate computed the layer's LoRA output itself (then ``delta`` is set).
+        aux_loss: scalar auxiliary loss of this layer (zero when none).
+        delta: optional LoRA output [..., out_features] already mixed by the gate.
+        probs: the gate's probabilities [N, E] for observability (logged, plotted).
+    """
+
+    routing: Routing | None
+    aux_loss: Tensor
+    delta: Tensor | None = None
+    probs: Tensor | None = None
+
+
+class LayerGate(Protocol):
+    """A gate that runs inside one LoRA layer and routes its tokens (MoLE, MixLoRA top-k).
+
+    Called with the layer's input ``x`` [B, T, in] (or [N, in]) and the layer itself, so that it can
+    ask for expert outputs (:meth:`moe_lora.layers.LoRALayer.expert_outputs`).
+    """
+
+    def __call__(self, x: Tensor, layer: LoRALayer) -> GateOutput: ...
+
+
+_ROUTERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_router(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Class decorator: make a router constructible by ``name`` from configs.
+
+    Raises:
+        ValueError: ``name`` is already registered to another class.
+    """
+
+    def deco(cls: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _ROUTERS and _ROUTERS[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered to {_ROUTERS[name]}")
+        _ROUTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_router(name: str) -> Callable[..., Any]:
+    """The router class registered as ``name``.
+
+    Raises:
+        KeyError: unknown name; the message lists the registered ones.
+    """
+    if not _ROUTERS:
+        import moe_lora.routers  # noqa: F401  (registers the built-in routers)
+    if name not in _ROUTERS:
+        raise KeyError(f"unknown router {name!r}; registered routers: {sorted(_ROUTERS)}")
+    return _ROUTERS[name]
+
+
+def router_names() -> list[str]:
+    """Names of all registered routers."""
+    return sorted(_ROUTERS)
