@@ -1,0 +1,177 @@
+"""A user's own continual benchmark from a JSONL or CSV file.
+
+Each row is one example with a text, a label and a task (column names configurable) and optionally a
+split (``train``/``val``/``test``). Rows without a split go to one by a hash of ``(seed, text)``, so
+the assignment is deterministic and does not depend on row order. Tasks are ordered by first
+appearance in the file; so are classes, whose global ids are their positions in that order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_lora.data.stream import Split, Task, TaskStream
+
+__all__ = ["FileStreamConfig", "build_file_stream"]
+
+_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FileStreamConfig:
+    """A task stream read from ``path`` (``.jsonl`` or ``.csv``).
+
+    Attributes:
+        path: the data file; ``.jsonl``/``.ndjson`` (one JSON object a line) or ``.csv`` (header row).
+        text_field, label_field, task_field: the required columns.
+        split_field: the optional split column (``train``/``val``/``test``; empty means unset).
+        seed: salts the hash split of rows without a split.
+        val_fraction, test_fraction: expected shares of hash-split rows in val and test.
+
+    Raises:
+        ValueError: a field is empty or out of range, or the suffix is unsupported (names the field).
+    """
+
+    path: str
+    text_field: str = "text"
+    label_field: str = "label"
+    task_field: str = "task"
+    split_field: str = "split"
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("path", "text_field", "label_field", "task_field", "split_field"):
+            if not str(getattr(self, name)):
+                raise ValueError(f"FileStreamConfig.{name} must not be empty")
+        if Path(self.path).suffix.lower() not in (".jsonl", ".ndjson", ".csv"):
+            raise ValueError(
+                f"FileStreamConfig.path must end in .jsonl, .ndjson or .csv, got {self.path!r}"
+            )
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"FileStreamConfig.{name} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("FileStreamConfig.val_fraction + test_fraction must be < 1")
+
+
+@dataclass(frozen=True)
+class _Row:
+    text: str
+    label: str
+    task: str
+    split: str
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
+            yield lineno, obj
+
+
+def _iter_csv(path: Path, required: list[str]) -> Iterator[tuple[int, dict[str, object]]]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: column(s) {missing} not found; columns found: {header}")
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected {len(header)} fields as in the header {header}"
+                )
+            yield reader.line_num, dict(row)
+
+
+def _hash_split(text: str, cfg: FileStreamConfig) -> str:
+    digest = hashlib.sha256(f"{cfg.seed}:{text}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < cfg.test_fraction:
+        return "test"
+    return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def _to_row(path: Path, lineno: int, obj: dict[str, object], cfg: FileStreamConfig) -> _Row:
+    fields = (cfg.text_field, cfg.label_field, cfg.task_field)
+    missing = [f for f in fields if f not in obj or obj[f] is None]
+    if missing:
+        raise ValueError(
+            f"{path}:{lineno}: column(s) {missing} missing; columns found: {sorted(obj)}"
+        )
+    text, label, task = (str(obj[f]).strip() for f in fields)
+    for name, value in zip(fields, (text, label, task), strict=True):
+        if not value:
+            raise ValueError(f"{path}:{lineno}: column {name!r} is empty")
+    split = str(obj.get(cfg.split_field) or "").strip().lower()
+    if split and split not in _SPLITS:
+        raise ValueError(
+            f"{path}:{lineno}: column {cfg.split_field!r} is {split!r}; expected one of {list(_SPLITS)}"
+        )
+    return _Row(text, label, task, split or _hash_split(text, cfg))
+
+
+def _read_rows(cfg: FileStreamConfig) -> list[_Row]:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found (FileStreamConfig.path)")
+    required = [cfg.text_field, cfg.label_field, cfg.task_field]
+    is_csv = path.suffix.lower() == ".csv"
+    records = _iter_csv(path, required) if is_csv else _iter_jsonl(path)
+    rows = [_to_row(path, lineno, obj, cfg) for lineno, obj in records]
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    return rows
+
+
+def build_file_stream(cfg: FileStreamConfig) -> TaskStream:
+    """Read ``cfg.path`` into a :class:`TaskStream` of text tasks with global class ids.
+
+    Raises:
+        FileNotFoundError: the file does not exist (names it).
+        ValueError: a required column is missing (names the file, the column and the columns found),
+            a row is malformed (names the file and line number), or a task has no train or no test
+            example (names the task).
+    """
+    rows = _read_rows(cfg)
+    class_names = list(dict.fromkeys(r.label for r in rows))
+    class_id = {c: i for i, c in enumerate(class_names)}
+    tasks = []
+    for t, task_name in enumerate(dict.fromkeys(r.task for r in rows)):
+        task_rows = [r for r in rows if r.task == task_name]
+        classes = list(dict.fromkeys(r.label for r in task_rows))
+        splits = {}
+        for split in _SPLITS:
+            chosen = [r for r in task_rows if r.split == split]
+            if not chosen and split != "val":
+                raise ValueError(
+                    f"{cfg.path}: task {task_name!r} has no {split} rows; add rows or a "
+                    f"{cfg.split_field!r} column"
+                )
+            labels = torch.tensor([class_id[r.label] for r in chosen], dtype=torch.long)
+            splits[split] = Split([r.text for r in chosen], labels)
+        ids = [class_id[c] for c in classes]
+        tasks.append(
+            Task(t, task_name, classes, splits["train"], splits["val"], splits["test"], ids)
+        )
+    return TaskStream(tasks, class_names, f"file:{Path(cfg.path).name}")
