@@ -341,3 +341,45 @@ def test_interrupted_save_leaves_the_old_bank_whole(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == old  # no temp files left either
     reloaded = ExpertBank(tiny(), targets="all-linear")
     assert reloaded.load_experts(folder, strict_base=False) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_per_token_merge_and_grads_on_real_minilm(minilm):
+    model, tok = minilm
+    enc = tok(["the quick brown fox", "a bank of experts routes tokens"], padding=True,
+              return_tensors="pt")
+    bank = ExpertBank(model, base_id="minilm")
+    for name, rank in RANKS:
+        bank.add_expert(name, ExpertConfig(rank=rank), trainable=False)
+    _randomise(bank)
+    path = "encoder.layer.3.attention.self.query"
+    layer = bank.layers[path]
+    captured = {}
+    hook = layer.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    with torch.no_grad():
+        bank(**enc)
+    hook.remove()
+    x = captured["x"]  # real hidden states entering a real MiniLM projection [B, T, 384]
+    y = layer.base(x)
+    per = torch.stack([reference_delta(layer, x, e) for e in range(3)], dim=-2)
+    w = torch.softmax(torch.randn(*x.shape[:2], 3), -1)
+    torch.testing.assert_close(
+        layer.apply_routing(x, y, Routing.dense(w)), y + (per * w[..., None]).sum(-2),
+        atol=1e-5, rtol=0,
+    )
+    mix = {"a": 0.5, "b": 0.25, "c": 0.25}
+    dense = torch.tensor([[mix[n] for n in bank.names]]).expand(2, -1)
+    with torch.no_grad(), bank.use(Routing.dense(dense)):
+        routed = bank(**enc).last_hidden_state
+    bank.merge(mix)
+    with torch.no_grad():
+        merged = bank(**enc).last_hidden_state
+    torch.testing.assert_close(merged, routed, atol=1e-4, rtol=1e-4)
+    bank.unmerge()
+    bank.unfreeze("b")
+    with bank.use(Routing.per_sample(torch.tensor([1, 0]))):
+        bank(**enc).last_hidden_state.pow(2).mean().backward()
+    grads = {n: bank.expert_parameters(n)[f"{path}.lora_A"].grad for n in bank.names}
+    assert grads["b"] is not None and grads["b"].abs().sum() > 0
+    assert grads["a"] is None and grads["c"] is None
+    assert all(p.grad is None for n, p in model.named_parameters() if "experts" not in n)
