@@ -265,20 +265,38 @@ class LoRALayer(nn.Module):
         bsz, k = indices.shape
         if x.shape[0] != bsz:
             raise ValueError(f"{self.path}: routing has {bsz} samples but the input has {x.shape[0]}")
+        if k == 1:  # uniform batch (one expert, weight 1): the single path, without a sort
+            first = indices[:1, :1]
+            if bool(((indices == first) & (first >= 0) & (weights == 1)).all()):
+                return self._single(x, y, int(first))
         weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
         uniq, inv = torch.unique(indices, return_inverse=True)
-        if uniq.numel() == 1 and k == 1 and bool((weights == 1).all()):
-            return self._single(x, y, int(uniq))  # uniform batch: fast path
-        a_u, b_u = self.stacked(uniq)
-        r = a_u.shape[1]
-        a_g = a_u[inv].reshape(bsz, k * r, self.in_features)  # [B, kR, in]
-        b_g = b_u[inv].permute(0, 2, 1, 3).reshape(bsz, self.out_features, k * r)  # [B, out, kR]
+        a_g, b_g = self._gathered(indices, uniq, inv)  # [B*k, R, in], [B*k, out, R]
+        r = a_g.shape[1]
+        a_g = a_g.reshape(bsz, k * r, self.in_features)  # [B, kR, in]
+        b_g = b_g.reshape(bsz, k, self.out_features, r).permute(0, 2, 1, 3)
+        b_g = b_g.reshape(bsz, self.out_features, k * r)  # [B, out, kR]
         x3 = self._dropout(x, uniq.tolist()).reshape(bsz, -1, self.in_features)
         h = torch.bmm(x3, a_g.transpose(1, 2))  # [B, T, kR]
         h = h * weights.repeat_interleave(r, dim=1)[:, None, :]
         out = torch.baddbmm(y.reshape(bsz, -1, self.out_features), h, b_g.transpose(1, 2))
         return out.reshape(y.shape)
+
+    def _gathered(self, indices: Tensor, uniq: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+        """Each routing slot's factors, ``[B*k, R, in]`` and ``[B*k, out, R]`` (scale in B).
+
+        All frozen: one gather per factor straight from the cached stack (its rank R is the bank's
+        largest; padding rows are zero). Otherwise the used experts are stacked live and gathered.
+        """
+        ids = uniq.tolist()
+        if any(self.experts[e].lora_A.requires_grad for e in ids):
+            a_u, b_u = self._stack_live(ids)
+            flat = inv.reshape(-1)
+        else:
+            _, a_u, b_u = self._frozen_stack()
+            flat = indices.reshape(-1)
+        return a_u.index_select(0, flat), b_u.index_select(0, flat)
 
     def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
         n_exp = len(self.experts)

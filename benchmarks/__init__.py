@@ -1,0 +1,1 @@
+"""The moe-lora benchmark suite (see benchmarks/run.py and docs/performance.md)."""
