@@ -19,8 +19,6 @@ experts) and writes it as a CSV table and a PNG heatmap with ``save_weights``.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from moe_lora.io import atomic_path, atomic_write_bytes
+from moe_lora.report import plot_routing_weights, write_routing_weights_csv
 from moe_lora.routing import RouterInput, Routing, get_router
 
 if TYPE_CHECKING:
@@ -294,40 +292,11 @@ def save_weights(
         ValueError: the labels do not match the shape of ``weights``.
     """
     w = weights.detach().float().cpu().reshape(-1, weights.shape[-1])
-    rows = [str(i) for i in range(w.shape[0])] if rows is None else list(rows)
-    if w.shape != (len(rows), len(columns)):
-        raise ValueError(f"weights {tuple(w.shape)} vs {len(rows)} rows x {len(columns)} columns")
     stem = Path(path).with_suffix("")
     csv_path, png_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["row", *columns])
-    writer.writerows(
-        [label, *(f"{v:.6g}" for v in r)] for label, r in zip(rows, w.tolist(), strict=True)
-    )
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
-    _plot(w, png_path, columns, rows, title)
+    write_routing_weights_csv(csv_path, w, columns, rows)
+    plot_routing_weights(png_path, w, columns, rows, title)
     return csv_path, png_path
-
-
-def _plot(w: Tensor, path: Path, columns: Sequence[str], rows: Sequence[str], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1.5 + 0.5 * len(columns), 1.5 + 0.25 * min(len(rows), 60)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    low, high = min(0.0, float(w.min())), max(1.0, float(w.max()))
-    im = ax.imshow(w.numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high)
-    ax.set_xticks(range(len(columns)), list(columns), rotation=45, ha="right")
-    if len(rows) <= 60:
-        ax.set_yticks(range(len(rows)), list(rows))
-    ax.set_xlabel("expert")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 class WeightLog:

@@ -81,12 +81,12 @@ def test_save_weights_writes_csv_and_png(tmp_path):
     w = torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.5, 0.5]])
     csv_path, png_path = save_weights(w, tmp_path / "w", ["a", "b"], ["x", "y", "z"])
     rows = list(csv.reader(csv_path.open()))
-    assert rows[0] == ["row", "a", "b"]
+    assert rows[0] == ["input", "a", "b"]
     assert [[float(v) for v in r[1:]] for r in rows[1:]] == w.tolist()
     assert [r[0] for r in rows[1:]] == ["x", "y", "z"]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.csv", "w.png"]  # no temp files left
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(ValueError, match="expert_names has 1 names for 2 experts"):
         save_weights(w, tmp_path / "bad", ["a"])
 
 
@@ -97,7 +97,7 @@ def test_routers_save_their_last_weights(tmp_path):
         task.save_weights(tmp_path / "task")
     task.route(RouterInput(task_ids=torch.tensor([1, 0, 1])))
     csv_path, _ = task.save_weights(tmp_path / "task")
-    assert csv_path.read_text().splitlines()[1:] == ["0,0,1", "1,1,0", "2,0,1"]
+    assert csv_path.read_text().splitlines()[1:] == ["0,0.0,1.0", "1,1.0,0.0", "2,0.0,1.0"]
 
     mole = MoLERouter(MoLEConfig(), bank).attach()
     with torch.no_grad(), bank.use(mole.routing()):
