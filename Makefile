@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 quick: $(STAMP)
 	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml --profile quick

@@ -3,17 +3,21 @@
 A family's checkpoint folder holds ``latest.json`` (which task folder is complete) and one
 ``task<k>/`` folder (``k`` tasks completed)::
 
-    task<k>/state.json          completed tasks, accuracy matrices so far, router accuracy,
-                                train seconds, FWT baseline, Python RNG state, index names
+    task<k>/state.json          the run's config, completed tasks, accuracy matrices so far,
+                                router accuracy, train seconds, FWT baseline, Python RNG state,
+                                index names
     task<k>/bank/               the experts (ExpertBank.save)
     task<k>/heads.safetensors   the task heads
     task<k>/rng.safetensors     torch and numpy RNG states
     task<k>/replay/             the replay buffer (when the family keeps one)
     task<k>/index/              the retrieval index (when the family keeps one)
+    task<k>/mole.safetensors    the MoLE gates (when the family trains them)
 
 The task folder is written under a temporary name and renamed into place, then ``latest.json`` is
 replaced atomically, so a crash at any moment leaves the previous complete checkpoint in charge.
-Nothing is pickled.
+Nothing is pickled. A resume must use the config the checkpoints were made with (up to the keys
+in :data:`RESUMABLE_KEYS`, which do not change results); :func:`check_resume_config` names the
+keys that differ.
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ if TYPE_CHECKING:
     from moe_lora.module import TaskHeads
     from moe_lora.settings import RunConfig
 
-__all__ = ["FamilyState", "save_family", "load_family"]
+__all__ = ["FamilyState", "RESUMABLE_KEYS", "check_resume_config", "load_family", "save_family",
+           "saved_config"]
+
+RESUMABLE_KEYS = ("output.", "train.progress_bar", "train.threads", "train.loggers",
+                  "train.eval_batch_size")
+"""Config keys (or key prefixes) a resume may change: they do not change the results."""
 
 
 @dataclass
@@ -50,6 +59,7 @@ class FamilyState:
 
     family: str
     names: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
     completed: int = 0
     train_seconds: float = 0.0
     baseline: list[float] | None = None
@@ -124,7 +134,10 @@ def save_family(folder: Path, state: FamilyState, bank: ExpertBank, heads: TaskH
     if state.retrieval is not None and state.retrieval.index is not None:
         state.retrieval.index.save(tmp / "index")
     py = random.getstate()
+    if state.mole_router is not None:
+        atomic_save_tensors(tmp / "mole.safetensors", _gate_tensors(state.mole_router))
     atomic_write_json(tmp / "state.json", {
+        "config": state.config,
         "family": state.family, "names": state.names, "completed": state.completed,
         "train_seconds": state.train_seconds, "baseline": state.baseline,
         "matrices": state.matrices, "router": state.router,
@@ -155,7 +168,8 @@ def load_family(folder: Path, bank: ExpertBank, heads: TaskHeads) -> FamilyState
         bank.freeze()
     heads.load_state(load_tensors(where / "heads.safetensors"))
     state = FamilyState(
-        family=meta["family"], names=meta["names"], completed=meta["completed"],
+        family=meta["family"], names=meta["names"], config=meta["config"],
+        completed=meta["completed"],
         train_seconds=meta["train_seconds"], baseline=meta["baseline"],
         matrices=meta["matrices"], router=meta["router"],
         index_names={int(k): v for k, v in meta["index_names"].items()},
@@ -168,5 +182,75 @@ def load_family(folder: Path, bank: ExpertBank, heads: TaskHeads) -> FamilyState
         from moe_lora.memory.index import ExpertIndex
 
         state.index = ExpertIndex.load(where / "index")
+    if (where / "mole.safetensors").is_file():
+        state.mole_router = _restore_gates(bank, load_tensors(where / "mole.safetensors"))
     _restore_rng(load_tensors(where / "rng.safetensors"), meta["python_rng"])
     return state
+
+
+def _gate_tensors(router: Any) -> dict[str, torch.Tensor]:
+    """The MoLE gates' tensors, ``<layer path>:<weight|bias|log_tau>`` (block leaders only)."""
+    from moe_lora.routers import MoLEGate
+
+    return {f"{path}:{k}": v.detach().clone() for path, gate in router.gates.items()
+            if isinstance(gate, MoLEGate) for k, v in gate.state_dict().items()}
+
+
+def _restore_gates(bank: ExpertBank, tensors: dict[str, torch.Tensor]) -> Any:
+    """A frozen MoLE router attached to ``bank`` with the saved gate tensors."""
+    from moe_lora.routers import MoLEConfig, MoLERouter
+
+    router = MoLERouter(MoLEConfig(), bank).attach()
+    for path, gate in router.gates.items():  # attached gates are sized for the bank's experts
+        if f"{path}:weight" in tensors:
+            gate.load_state_dict({k: tensors[f"{path}:{k}"] for k in gate.state_dict()})
+    for p in router.parameters():
+        p.requires_grad_(False)
+    return router
+
+
+def _checkpoint_states(root: Path) -> dict[str, dict[str, Any]]:
+    """family -> state.json of its last complete checkpoint under ``root`` (``checkpoints/``)."""
+    out = {}
+    for latest in sorted(root.glob("*/latest.json")):
+        out[latest.parent.name] = read_json(latest.parent / read_json(latest)["dir"] / "state.json")
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def check_resume_config(root: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume the checkpoints under ``root`` with a config that changes results.
+
+    Raises:
+        ConfigError: names every differing key with both values (keys in
+            :data:`RESUMABLE_KEYS` may differ).
+    """
+    from moe_lora.settings import ConfigError
+
+    now = _flat(config)
+    for family, meta in _checkpoint_states(root).items():
+        saved = _flat(meta["config"])
+        diff = [k for k in sorted(saved.keys() | now.keys())
+                if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_KEYS)]
+        if diff:
+            what = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                             for k in diff)
+            raise ConfigError(f"cannot resume {root / family}: the config differs ({what})")
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run was made with (from its checkpoints).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no completed checkpoint.
+    """
+    states = _checkpoint_states(Path(run_dir) / "checkpoints")
+    if not states:
+        raise FileNotFoundError(f"{run_dir}: no completed checkpoint under checkpoints/")
+    return next(iter(states.values()))["config"]

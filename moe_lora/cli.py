@@ -3,12 +3,15 @@
 ::
 
     moe-lora continual CONFIG [key=value ...] [--profile quick] [--resume]
-    moe-lora evaluate RUN_DIR                 # re-evaluate a finished run's checkpoints
+    moe-lora evaluate RUN_DIR                 # evaluate a run's checkpoints on every test set
     moe-lora route RUN_DIR TEXT [TEXT ...]    # which expert each text goes to, with weights
+                   [--json]
     moe-lora export RUN_DIR EXPERT OUT_DIR    # one expert in PEFT format
     moe-lora info PATH                        # what a bank folder or a run folder holds
 
-A config error (unknown key, wrong type) is reported with the key's name before anything loads.
+A config error (unknown key, wrong type, missing file) is reported with the key's name before
+anything loads. ``evaluate``, ``route`` and ``export`` use the config saved in the run's
+checkpoints; ``evaluate`` writes ``evaluation.json`` into the run folder.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from moe_lora.io import read_json
-from moe_lora.settings import ConfigError, RunConfig, load_config
+from moe_lora.settings import ConfigError, RunConfig, config_from_dict, load_config
 
 __all__ = ["main"]
 
@@ -34,11 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
     c.add_argument("--profile", help="a profile of the config's profiles: block, e.g. quick")
     c.add_argument("--resume", action="store_true", help="continue from the last completed task")
-    e = sub.add_parser("evaluate", help="print a finished run's results table")
+    e = sub.add_parser("evaluate", help="evaluate a run's last checkpoints on every test set")
     e.add_argument("run_dir")
-    r = sub.add_parser("route", help="route texts with a finished run's retrieval index")
+    r = sub.add_parser("route", help="which experts of a run texts go to, with weights")
     r.add_argument("run_dir")
     r.add_argument("texts", nargs="+")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
     x = sub.add_parser("export", help="export one expert of a run to PEFT format")
     x.add_argument("run_dir")
     x.add_argument("expert")
@@ -49,22 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_config(run_dir: Path, **overrides: str) -> RunConfig:
-    """The config a run was made with (from its results.json), with ``overrides``."""
-    cfg = read_json(run_dir / "results.json")["config"]
-    dots = [f"{k}={v}" for k, v in _flatten(cfg)] + [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, dots)
+def _run_config(run_dir: Path) -> RunConfig:
+    """The config saved in a run's checkpoints, writing into ``run_dir``, without a progress bar."""
+    from moe_lora.checkpoint import saved_config
 
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:  # type: ignore[type-arg]
-    out: list[tuple[str, object]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        else:
-            out.append((key, json.dumps(v) if isinstance(v, list) else ("null" if v is None else v)))
-    return out
+    return config_from_dict(saved_config(run_dir),
+                            [f"output.dir={run_dir}", "train.progress_bar=false"])
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
@@ -78,77 +73,155 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from moe_lora.continual import run_continual
+    from moe_lora.continual import ContinualRunner, group_families
+    from moe_lora.results import write_evaluation
 
     run_dir = Path(args.run_dir)
-    cfg = _run_config(run_dir, **{"output.dir": str(run_dir), "train.progress_bar": "false"})
-    run_continual(cfg, resume=True)  # every task is complete: loads checkpoints, re-evaluates none
+    cfg = _run_config(run_dir)
+    runner = ContinualRunner(cfg, resume=True)
+    strategies: dict[str, Any] = {}
+    for family, names in group_families(cfg.strategies.run).items():
+        strategies |= _evaluate_family(runner, family, names)
+    write_evaluation({"run_dir": str(run_dir), "benchmark": runner.stream.benchmark,
+                      "tasks": [t.name for t in runner.stream], "strategies": strategies}, run_dir)
     return 0
 
 
-def _checkpoint_dir(run_dir: Path, family: str) -> Path:
+def _evaluate_family(runner: Any, family: str, names: list[str]) -> dict[str, Any]:
+    """Evaluate ``family``'s last checkpoint on the test set of every task it has seen."""
+    from moe_lora.continual import SETTING
+
+    ctx = runner.open_family(family, names)
+    state = ctx.state
+    if state.completed == 0:
+        raise FileNotFoundError(f"{runner.out / 'checkpoints' / family}: no completed task")
+    state.matrices, state.router = {}, {}  # only what is evaluated now
+    ctx.evaluate(state.completed - 1)
+    row = ctx.nt - 1 if family == "joint" else state.completed - 1
+    out = {}
+    for name in names:
+        routed = state.router[name][-1]
+        out[name] = {"setting": SETTING[name], "family": family, "completed_tasks": state.completed,
+                     **_row(state.matrix(name, "agnostic", ctx.nt)[row], row),
+                     "router_accuracy": routed}
+        if family != "experts":
+            out[name]["task_aware"] = _row(state.matrix(name, "aware", ctx.nt)[row], row)
+    return out
+
+
+def _row(accuracy: list[float], row: int) -> dict[str, Any]:
+    """Per-task accuracies (nan as None) and their mean over the tasks seen (``0..row``)."""
+    acc = [None if a != a else float(a) for a in accuracy]
+    seen = [a for a in acc[: row + 1] if a is not None]
+    return {"accuracy": acc, "average_accuracy": sum(seen) / len(seen) if seen else None}
+
+
+def _restore(run_dir: Path, family: str) -> tuple[RunConfig, Any, Any, Any, Any]:
+    """(config, stream, backbone, bank, family state) of ``family``'s last checkpoint.
+
+    Only the base model is loaded (no stream preparation), for ``route`` and ``export``.
+    """
+    from moe_lora.bank import ExpertBank
+    from moe_lora.checkpoint import load_family
+    from moe_lora.continual import build_backbone, stream_config
+    from moe_lora.data import build_stream
+    from moe_lora.module import TaskHeads
+
+    cfg = _run_config(run_dir)
+    stream = build_stream(stream_config(cfg))
+    backbone = build_backbone(cfg, stream)
+    bank = ExpertBank(backbone.model, targets=backbone.lora_targets(cfg.model.targets),
+                      base_id=cfg.model.name)
     ckpt = run_dir / "checkpoints" / family
-    latest = read_json(ckpt / "latest.json")
-    return ckpt / latest["dir"]
+    state = load_family(ckpt, bank, TaskHeads(backbone.dim, stream.n_classes))
+    if state is None:
+        raise FileNotFoundError(f"{ckpt}: no completed checkpoint (latest.json)")
+    return cfg, stream, backbone, bank, state
+
+
+class _BaseEncoder:
+    """Texts -> L2-normalised base embeddings ``[N, D]``, computed as the runner's routing keys."""
+
+    def __init__(self, backbone: Any, bank: Any):
+        self.backbone, self.bank = backbone, bank
+
+    def encode(self, texts: Sequence[str], prefix: str | None = None) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad(), self.bank.use(None):
+            feats = self.backbone(self.backbone.collate(self.backbone.prefix(list(texts))))
+        return F.normalize(feats, dim=-1).numpy()
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    import torch.nn.functional as F
-
-    from moe_lora.backbones import EncoderBackbone
-    from moe_lora.memory.index import ExpertIndex
-    from moe_lora.models import load_base
+    from moe_lora.routing import RouterInput
 
     run_dir = Path(args.run_dir)
-    cfg = _run_config(run_dir)
-    where = _checkpoint_dir(run_dir, "experts")
-    index = ExpertIndex.load(where / "index")
-    names = {int(k): v for k, v in read_json(where / "state.json")["index_names"].items()}
-    base = load_base(cfg.model.name, task="encoder")
-    backbone = EncoderBackbone(base.model, base.tokenizer, 0, cfg.model.max_length)
-    emb = F.normalize(backbone.full_forward(args.texts), dim=-1).detach().numpy()
-    ids, scores = index.search(emb, min(3, len(names)))
-    for text, row, srow in zip(args.texts, ids, scores, strict=True):
-        pairs = ", ".join(f"{names[int(i)]}={s:.3f}" for i, s in zip(row, srow, strict=True) if i >= 0)
-        print(f"{text!r} -> {pairs}")
+    cfg, stream, backbone, bank, state = _restore(run_dir, "experts")
+    if state.index is None:
+        raise ConfigError(f"{run_dir}: the experts family has no retrieval index "
+                          "(run experts-retrieval or experts-confidence)")
+    if cfg.model.name == "mlp":
+        raise ConfigError(f"{run_dir}: model.name=mlp takes feature vectors, not texts")
+    encoder = _BaseEncoder(backbone, bank)
+    router = state.retrieval_router(bank, cfg, encoder, state.index.dim)
+    chosen = router.route(RouterInput(texts=args.texts)).indices[:, 0].tolist()
+    weights = _expert_weights(state.index, encoder.encode(args.texts), cfg)
+    rows = []
+    for text, pick, w in zip(args.texts, chosen, weights, strict=True):
+        experts = [_expert_row(bank, stream, state.index_names[eid], v)
+                   for eid, v in sorted(w.items(), key=lambda kv: -kv[1])]
+        rows.append({"text": text, "chosen": _expert_row(bank, stream, bank.names[pick], None),
+                     "experts": experts})
+    print(json.dumps(rows, indent=2) if args.json else _format_routes(rows))
     return 0
+
+
+def _expert_weights(index: Any, queries: Any, cfg: RunConfig) -> list[dict[int, float]]:
+    """Per text, index expert id -> weight: the exemplar kNN vote shares, or (centroid mode)
+    ``softmax(cosine / temperature)``; every indexed expert, summing to 1 per text."""
+    import numpy as np
+
+    ids, scores = index.search(queries, len(index.expert_ids))
+    rc = cfg.strategies.retrieval
+    if rc.mode == "centroid":
+        scores = np.exp((scores - scores.max(1, keepdims=True)) / rc.temperature)
+    scores = np.where(ids >= 0, np.nan_to_num(scores, neginf=0.0), 0.0)
+    scores = scores / np.clip(scores.sum(1, keepdims=True), 1e-12, None)
+    zero = dict.fromkeys(index.expert_ids, 0.0)  # experts without a vote get weight 0
+    return [zero | {int(i): float(s) for i, s in zip(r, sr, strict=True) if i >= 0}
+            for r, sr in zip(ids, scores, strict=True)]
+
+
+def _expert_row(bank: Any, stream: Any, name: str, weight: float | None) -> dict[str, Any]:
+    task = bank.info(name).task
+    row = {"expert": name, "task": task, "task_name": stream[int(task)].name}
+    return row if weight is None else row | {"weight": round(weight, 6)}
+
+
+def _format_routes(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        c = r["chosen"]
+        lines.append(f"{r['text']!r}\n  routed to {c['expert']} (task {c['task']}: {c['task_name']})")
+        lines += [f"    {e['expert']:<12} task {e['task']}: {e['task_name']:<28} weight {e['weight']:.3f}"
+                  for e in r["experts"]]
+    return "\n".join(lines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.storage import read_manifest
+    from moe_lora.peft_interop import export_peft
 
     run_dir = Path(args.run_dir)
-    cfg = _run_config(run_dir)
-    bank_dir = _checkpoint_dir(run_dir, args.family) / "bank"
-    manifest = read_manifest(bank_dir)
-    from moe_lora.continual import build_backbone, stream_config
-    from moe_lora.data import build_stream
-
-    backbone = build_backbone(cfg, build_stream(stream_config(cfg)))
-    bank = ExpertBank.load(bank_dir, backbone.model)
-    out = Path(args.out_dir)
-    _export_peft(bank, args.expert, out, manifest["base"]["id"])
-    print(f"expert {args.expert!r} written to {out} (PEFT adapter_config.json + adapter_model.safetensors)")
+    cfg, _, _, bank, _ = _restore(run_dir, args.family)
+    if args.expert not in bank.names:
+        raise ConfigError(f"{run_dir}: family {args.family!r} has no expert {args.expert!r}; "
+                          f"it has {bank.names}")
+    out = export_peft(bank, args.out_dir, args.expert, base_model_name_or_path=cfg.model.name)
+    print(f"expert {args.expert!r} written to {out} (PEFT adapter_config.json + "
+          "adapter_model.safetensors)")
     return 0
-
-
-def _export_peft(bank: object, name: str, out: Path, base_id: str) -> None:
-    """Write expert ``name`` as a PEFT LoRA adapter (``base_model.model.<path>.lora_A.weight``)."""
-    from moe_lora.io import atomic_save_tensors, atomic_write_json
-
-    info = bank.info(name)  # type: ignore[attr-defined]
-    params = bank.expert_parameters(name)  # type: ignore[attr-defined]
-    tensors = {f"base_model.model.{k}.weight": v.detach() for k, v in params.items()}
-    leaves = sorted({k.rsplit(".", 1)[0] for k in params})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(out / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_id,
-        "r": info.config.rank, "lora_alpha": info.config.alpha,
-        "lora_dropout": info.config.dropout, "use_rslora": info.config.rslora,
-        "target_modules": leaves, "bias": "none", "inference_mode": True,
-    })
 
 
 def cmd_info(args: argparse.Namespace) -> int:

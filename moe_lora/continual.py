@@ -32,6 +32,7 @@ summed across processes, and only rank 0 writes files.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import time
@@ -43,12 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from moe_lora.backbones import Backbone, EncoderBackbone, MLPBackbone
 from moe_lora.bank import ExpertBank
-from moe_lora.checkpoint import FamilyState, load_family, save_family
+from moe_lora.checkpoint import FamilyState, check_resume_config, load_family, save_family
 from moe_lora.config import ExpertConfig
 from moe_lora.data import (
     DigitsStreamConfig,
@@ -77,7 +78,8 @@ from moe_lora.module import ModuleConfig, MoELoRAModule, TaskHeads
 from moe_lora.routing import RouterInput
 from moe_lora.settings import RunConfig, to_dict
 
-__all__ = ["FAMILY", "SETTING", "ContinualRunner", "is_rank_zero", "run_continual", "LookupEncoder"]
+__all__ = ["FAMILY", "SETTING", "ContinualRunner", "LookupEncoder", "build_loggers", "group_families",
+           "is_rank_zero", "run_continual"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,29 @@ def stream_config(cfg: RunConfig) -> WordNetStreamConfig | DigitsStreamConfig | 
         return DigitsStreamConfig(d.n_tasks, d.classes_per_task, seed=d.seed)
     assert d.path is not None
     return FileStreamConfig(d.path, seed=d.seed)
+
+
+def build_loggers(names: list[str], root: Path, tag: str) -> list[Logger]:
+    """Lightning loggers ``names`` (``csv``, ``tensorboard``) for fit ``tag`` (``family/task<k>``).
+
+    CSV goes to ``root/<family>/task<k>/metrics.csv``, TensorBoard to
+    ``root/tensorboard/<family>/task<k>/``; ``tensorboard`` is skipped when the package is missing.
+    """
+    name, version = tag.split("/")[0], tag.split("/")[-1]
+    out: list[Logger] = []
+    if "csv" in names:
+        out.append(CSVLogger(root, name=name, version=version))
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is not None:
+        out.append(TensorBoardLogger(root / "tensorboard", name=name, version=version))
+    return out
+
+
+def group_families(strategies: list[str]) -> dict[str, list[str]]:
+    """Strategy names grouped by the family that trains them (in order of first appearance)."""
+    families: dict[str, list[str]] = {}
+    for name in strategies:
+        families.setdefault(FAMILY[name], []).append(name)
+    return families
 
 
 def is_rank_zero() -> bool:
@@ -181,11 +206,8 @@ class ContinualRunner:
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
         """Run every requested family; returns (and on rank 0 writes) the results dict."""
-        families: dict[str, list[str]] = {}
-        for name in self.cfg.strategies.run:
-            families.setdefault(FAMILY[name], []).append(name)
         strategies: dict[str, Any] = {}
-        for family, names in families.items():
+        for family, names in group_families(self.cfg.strategies.run).items():
             strategies |= self.run_family(family, names)
         results = {
             "benchmark": self.stream.benchmark,
@@ -208,16 +230,22 @@ class ContinualRunner:
                             self.cfg.strategies.olora.lambda1, self.cfg.strategies.olora.lambda2)
         return MoELoRAModule(self.bank, mcfg, self.backbone, heads), heads
 
-    def run_family(self, family: str, names: list[str]) -> dict[str, Any]:
-        """Train a family task by task (resuming if asked) and return its strategies' entries."""
+    def open_family(self, family: str, names: list[str]) -> _FamilyContext:
+        """A family's context: its last checkpoint when resuming (if there is one), else fresh."""
         module, heads = self._reset()
-        n_tasks = 1 if family == "joint" else len(self.tasks)
         ckpt = self.out / "checkpoints" / family
         state = load_family(ckpt, self.bank, heads) if self.resume else None
         if state is None:
-            state = FamilyState(family=family, names=names)
+            state = FamilyState(family=family, names=names, config=to_dict(self.cfg))
             self._init_family(family, heads, state)
-        ctx = _FamilyContext(self, family, names, module, heads, state)
+        return _FamilyContext(self, family, names, module, heads, state)
+
+    def run_family(self, family: str, names: list[str]) -> dict[str, Any]:
+        """Train a family task by task (resuming if asked) and return its strategies' entries."""
+        ctx = self.open_family(family, names)
+        state, heads = ctx.state, ctx.heads
+        n_tasks = 1 if family == "joint" else len(self.tasks)
+        ckpt = self.out / "checkpoints" / family
         for t in range(state.completed, n_tasks):
             log.info("[%s] task %d/%d", family, t + 1, n_tasks)
             t0 = time.perf_counter()
@@ -255,7 +283,7 @@ class ContinualRunner:
             use_distributed_sampler=False,
             max_epochs=t.epochs,
             accelerator=t.accelerator, devices=t.devices, strategy=strategy,
-            logger=CSVLogger(self.out / "logs", name=tag.split("/")[0], version=tag.split("/")[-1]),
+            logger=build_loggers(t.loggers, self.out / "logs", tag),
             enable_checkpointing=False, enable_progress_bar=t.progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
             check_val_every_n_epoch=t.epochs,
@@ -379,10 +407,7 @@ class _FamilyContext:
     def _train_mole(self, t: int) -> Any:
         from moe_lora.routers import MoLEConfig, MoLERouter
 
-        router = MoLERouter(MoLEConfig(), self.bank).attach()
-        for gate in router.gates.values():
-            if hasattr(gate, "grow"):
-                gate.grow(len(self.bank))
+        router = MoLERouter(MoLEConfig(), self.bank).attach()  # gates sized for every expert
         cfg = self.r.cfg
         opt = torch.optim.Adam(router.parameters(), lr=cfg.strategies.mole.lr)
         seen = class_mask(self.r.n_classes, self.r.stream.seen_class_ids(t))
@@ -527,6 +552,8 @@ def run_continual(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     from moe_lora.results import write_results
 
     t0 = time.perf_counter()
+    if resume:  # refuse a different config before any model loads
+        check_resume_config(Path(cfg.output.dir) / "checkpoints", to_dict(cfg))
     runner = ContinualRunner(cfg, resume=resume)
     results = runner.run()
     results["wall_seconds"] = time.perf_counter() - t0

@@ -5,6 +5,8 @@ Files (all atomic) in the output folder::
     results.json                           {"benchmark", "config", "strategies": {NAME: {...}}, ...}
     accuracy_matrix_<strategy>.csv / .png  R of each strategy in its own setting
     strategies.png                         average accuracy, forgetting and BWT side by side
+    evaluation.json                        ``moe-lora evaluate``: each strategy re-evaluated from
+                                           its family's last checkpoint on every task's test set
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from moe_lora.report import (
     write_accuracy_matrix_csv,
 )
 
-__all__ = ["format_table", "write_results"]
+__all__ = ["format_evaluation", "format_table", "write_evaluation", "write_results"]
 
 
 def _nan(m: list[list[float | None]]) -> list[list[float]]:
@@ -67,4 +69,32 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_fmt(x['forgetting']):>8} {_fmt(x['bwt']):>8} {_fmt(x.get('fwt')):>8} "
                 f"{_fmt(x.get('router_accuracy')):>8} {'-' if secs is None else f'{secs:.0f}':>8}"
             )
+    return "\n".join(lines)
+
+
+def write_evaluation(evaluation: dict[str, Any], out: Path) -> None:
+    """Write ``evaluation.json`` (atomic) into the run folder ``out`` and print its table."""
+    atomic_write_json(out / "evaluation.json", evaluation)
+    print(format_evaluation(evaluation))
+
+
+def format_evaluation(evaluation: dict[str, Any]) -> str:
+    """A table of per-task test accuracies: one row per strategy and setting, one column per task.
+
+    ``evaluation["strategies"][NAME]``: ``setting``, ``accuracy`` (per task, None where not
+    evaluated), ``average_accuracy``, ``router_accuracy`` and, for shared-head strategies,
+    ``task_aware`` (the same accuracies with the task id given).
+    """
+    n = len(evaluation["tasks"])
+    head = f"{'strategy':<20} {'setting':<14} " + " ".join(f"{f't{j}':>6}" for j in range(n)) \
+        + f" {'avg acc':>8} {'router':>8}"
+    lines = [head, "-" * len(head)]
+    for name, e in evaluation["strategies"].items():
+        rows = [(name, e)]
+        if "task_aware" in e:
+            rows.append((f"  {name}", e["task_aware"] | {"setting": "task-aware"}))
+        for label, x in rows:
+            accs = " ".join(f"{'-' if a is None else f'{a:.3f}':>6}" for a in x["accuracy"])
+            lines.append(f"{label:<20} {x['setting']:<14} {accs} {_fmt(x['average_accuracy']):>8} "
+                         f"{_fmt(x.get('router_accuracy')):>8}")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ __all__ = [
     "STRATEGY_NAMES",
     "StrategiesConfig",
     "TrainConfig",
+    "config_from_dict",
     "load_config",
     "to_dict",
 ]
@@ -45,6 +46,7 @@ STRATEGY_NAMES = (
     "experts-mole",
 )
 BENCHMARKS = ("split-wordnet", "split-digits", "file")
+LOGGERS = ("csv", "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,8 @@ class DataConfig:
         _check(
             self.benchmark != "file" or bool(self.path), "data.path", "is required for 'file'"
         )
+        _check(self.benchmark != "file" or Path(str(self.path)).is_file(), "data.path",
+               f"data file {self.path!r} not found")
 
 
 @dataclass
@@ -134,6 +138,8 @@ class TrainConfig:
             several processes; gloo on CPU).
         progress_bar: show Lightning's progress bar.
         eval_batch_size: batch size of evaluation passes.
+        loggers: Lightning loggers of every fit, under ``output.dir/logs``: ``csv`` and/or
+            ``tensorboard`` (used only when the ``tensorboard`` package is importable).
     """
 
     epochs: int = 3
@@ -149,8 +155,11 @@ class TrainConfig:
     strategy: str = "auto"
     progress_bar: bool = True
     eval_batch_size: int = 256
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
 
     def __post_init__(self) -> None:
+        bad = [x for x in self.loggers if x not in LOGGERS]
+        _check(not bad, "train.loggers", f"unknown {bad}; choose from {list(LOGGERS)}")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
@@ -270,6 +279,8 @@ def load_config(
     schema = OmegaConf.structured(RunConfig)
     layers: list[tuple[str, Any]] = []
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
         raw = OmegaConf.load(Path(path))
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping")
@@ -285,6 +296,22 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
     layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    return _merge(schema, layers)
+
+
+def config_from_dict(saved: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from :func:`to_dict`'s output (e.g. a checkpoint's), with ``overrides``.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    return _merge(OmegaConf.structured(RunConfig), [
+        ("saved config", OmegaConf.create(saved)),
+        ("overrides", OmegaConf.from_dotlist(list(overrides))),
+    ])
+
+
+def _merge(schema: Any, layers: list[tuple[str, Any]]) -> RunConfig:
     for where, layer in layers:
         try:
             schema = OmegaConf.merge(schema, layer)

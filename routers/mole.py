@@ -3,9 +3,13 @@ r"""MoLE: a learnable gate per layer over frozen LoRA experts' outputs (arXiv 24
 For a token with LoRA-layer input ``x`` and the E experts' outputs ``o_i = s_i B_i A_i x`` [d]::
 
     z_i = LayerNorm(o_i)                              (no affine; per expert)
-    l_j = sum_i <z_i, W[i, :, j]> + b_j               (W [E, d, E]: linear map of the concatenation)
+    l_j = sum_i <z_i, W[i, :, j]> / sqrt(d) + b_j     (W [E, d, E]: linear map of the concatenation)
     p   = softmax(l / tau)                            (tau = exp(log_tau), learnable)
     y   = base(x) + sum_i p_i o_i
+
+The ``1/sqrt(d)`` keeps the logits O(1) per unit of ``W``: each ``z_i`` has d unit-variance
+entries, so without it one Adam step of size lr moves a logit by about ``lr * E * d`` (15 for
+lr 1e-2, E = 5, d = 384) and saturates a fresh gate into a one-hot choice whose gradient vanishes.
 
 MoLE's balance loss on the gate probabilities, with ``q_i`` the mean of ``p_i`` over the real
 tokens of the batch, is ``L = -log prod_i q_i = -sum_i log q_i`` (computed as a sum of logs); each
@@ -18,9 +22,10 @@ LoRA layers of a block (``MoLEConfig.block_regex``): the block's first LoRA laye
 in bank order, which must also run first in the forward) computes the probabilities from its own
 experts' outputs; the other layers of the block mix their experts with these probabilities.
 
-Growth: when the bank gains an expert, each gate grows ``W`` and ``b`` with zeros at its next
-forward, keeping the trained entries (new parameter tensors: rebuild the optimiser after adding
-experts). Normalising each expert's output separately keeps old experts' features unchanged.
+Growth: gates are sized for the bank's experts when attached, so an optimiser built right after
+:meth:`MoLERouter.attach` holds every gate parameter. When the bank gains an expert, each gate
+grows ``W`` and ``b`` with zeros at its next forward (or :meth:`MoLERouter.grow`), keeping the
+trained entries (new parameter tensors: rebuild the optimiser after adding experts). Normalising each expert's output separately keeps old experts' features unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class MoLEGate(nn.Module):
     Args:
         router: the owning :class:`MoLERouter` (config, attention mask, masked experts).
         out_features: d, the layer's output size.
+        n_experts: E, the experts of the layer now (zero-initialised ``W`` and ``b``, i.e. a
+            uniform gate); later experts are added by :meth:`grow`.
 
     Attributes:
         weight: [E, d, E]; bias: [E]; log_tau: scalar.
@@ -64,13 +71,13 @@ class MoLEGate(nn.Module):
         last_load: their mean over real tokens [E] (detached).
     """
 
-    def __init__(self, router: MoLERouter, out_features: int):
+    def __init__(self, router: MoLERouter, out_features: int, n_experts: int):
         super().__init__()
         cfg = router.config
         self.router = router
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.zeros(0, out_features, 0))
-        self.bias = nn.Parameter(torch.zeros(0))
+        self.weight = nn.Parameter(torch.zeros(n_experts, out_features, n_experts))
+        self.bias = nn.Parameter(torch.zeros(n_experts))
         tau = torch.tensor(math.log(cfg.temperature))
         self.log_tau = nn.Parameter(tau, requires_grad=cfg.learn_temperature)
         self.step = 0  # forwards run, read by the block's other layers
@@ -112,7 +119,8 @@ class MoLEGate(nn.Module):
         """
         self.grow(outs.shape[1])
         z = F.layer_norm(outs, (self.out_features,))
-        logits = torch.einsum("nid,idj->nj", z, self.weight) + self.bias
+        logits = torch.einsum("nid,idj->nj", z, self.weight) / math.sqrt(self.out_features)
+        logits = logits + self.bias
         if dropped:
             logits = logits.index_fill(1, torch.tensor(dropped, device=logits.device), -math.inf)
         return torch.softmax(logits / self.tau, dim=-1)
@@ -204,8 +212,8 @@ class MoLERouter(GateRouter):
         block = self.block_of(path)
         leader = self._leaders.get(block)
         if leader is None:
-            leader = self._leaders[block] = MoLEGate(self, layer.out_features)
-            leader.grow(len(layer.experts))
+            leader = MoLEGate(self, layer.out_features, len(layer.experts))
+            self._leaders[block] = leader
             return leader
         return _BlockMember(leader)
 
@@ -215,6 +223,12 @@ class MoLERouter(GateRouter):
             self.bank.freeze()
         self._leaders = {}
         super().attach()
+        return self
+
+    def grow(self) -> MoLERouter:
+        """Widen every gate to the bank's current experts now (zeros), keeping trained entries."""
+        for leader in self._leaders.values():
+            leader.grow(len(self.bank))
         return self
 
     def mask_experts(self, names: Iterable[str] | None) -> None:

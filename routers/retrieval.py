@@ -98,7 +98,8 @@ class RetrievalRouter(WeightLog):
         bank: the expert bank; experts are found by name, so it may grow or shrink.
         embedder: a :class:`TextEncoder` (default: ``moe_lora.memory.Embedder()``, the embedded
             MiniLM).
-        index: an existing index (default: a new exact one per ``config``).
+        index: an existing index (default: a new exact one per ``config``, whose exemplar vote
+            uses ``config.temperature`` too).
         names: for an existing index, its expert id -> bank expert name.
 
     ``route`` requires ``RouterInput.texts`` and returns ``indices`` [B, k] (bank indices, ``-1``
@@ -139,7 +140,8 @@ class RetrievalRouter(WeightLog):
 
         c = self.config
         return ExpertIndex(
-            IndexConfig(dim=dim, mode=c.mode, n_centroids=c.n_centroids, n_neighbors=c.n_neighbors)  # type: ignore[arg-type]
+            IndexConfig(dim=dim, mode=c.mode, n_centroids=c.n_centroids,  # type: ignore[arg-type]
+                        n_neighbors=c.n_neighbors, temperature=c.temperature)
         )
 
     def id_of(self, name: str) -> int | None:

@@ -27,15 +27,17 @@ def one_layer_bank(n_experts: int = 3) -> ExpertBank:
 
 
 def hand_mole(layer, x, weight, bias, tau, dropped=()):
-    """Per token: expert outputs, per-expert layer norm, linear logits, softmax(l / tau)."""
+    """Per token: expert outputs, per-expert layer norm, linear logits / sqrt(d), softmax(l / tau)."""
     rows, deltas = [], []
     for tok in x.reshape(-1, x.shape[-1]):
         outs = [f.scale * f.lora_B @ (f.lora_A @ tok) for f in layer.experts]
         z = [(o - o.mean()) / torch.sqrt(o.var(unbiased=False) + 1e-5) for o in outs]
+        tok_out = outs[0]  # d entries: logits are scaled by 1 / sqrt(d)
         logits = [
             -math.inf
             if j in dropped
-            else float(sum(z[i] @ weight[i, :, j] for i in range(len(z))) + bias[j])
+            else float(sum(z[i] @ weight[i, :, j] for i in range(len(z))) / math.sqrt(len(tok_out))
+                       + bias[j])
             for j in range(len(z))
         ]
         p = torch.softmax(torch.tensor(logits) / tau, 0)
@@ -160,3 +162,48 @@ def test_new_expert_gets_a_new_gate_column_keeping_the_old_ones():
     torch.testing.assert_close(gate.weight[:2, :, :2], old_w)
     torch.testing.assert_close(gate.bias[:2], old_b)
     assert gate.weight[2].abs().sum().item() + gate.weight[:, :, 2].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_gates_are_sized_at_attach_so_an_optimiser_built_then_trains_them(granularity):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    bank = ExpertBank(nn.Sequential(block), targets="all-linear")  # layers 0.0, 0.2: one block
+    add_random_experts(bank, 3)
+    router = MoLERouter(MoLEConfig(granularity=granularity), bank).attach()
+    shapes = sorted(tuple(p.shape) for p in router.parameters())
+    expected = [(), (3,), (3, 4, 3)] + ([(), (3,), (3, 3, 3)] if granularity == "layer" else [])
+    assert shapes == sorted(expected)
+    opt = torch.optim.Adam(router.parameters(), lr=0.1)  # built before any forward
+    before = [p.detach().clone() for p in router.parameters()]
+    with bank.use(router.routing()):
+        y = bank.model(torch.randn(6, 5))
+    (y.pow(2).sum() + bank.pop_aux_loss()).backward()
+    opt.step()
+    assert [tuple(p.shape) for p in router.parameters()] == [tuple(b.shape) for b in before]
+    assert all(not torch.equal(p, b) for p, b in zip(router.parameters(), before, strict=True)
+               if p.ndim)  # W and b of every gate moved
+    add_random_experts(bank, 1)  # later experts still grow lazily
+    bank.freeze()
+    assert {tuple(p.shape) for p in router.grow().parameters() if p.ndim == 1} == {(4,)}
+
+
+def test_a_step_of_adam_does_not_saturate_a_fresh_gate():
+    """Logits are scaled by 1/sqrt(d): one Adam step (lr 1e-2) moves them by O(E lr sqrt(d))."""
+    torch.manual_seed(0)
+    bank = ExpertBank(nn.Sequential(nn.Linear(64, 256)), targets="all-linear")
+    add_random_experts(bank, 5)
+    router = MoLERouter(MoLEConfig(), bank).attach()
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    x = torch.randn(32, 64)
+    target = torch.randint(0, 5, (32,))
+    for _ in range(2):
+        with bank.use(router.routing()):
+            bank.model(x)
+        bank.pop_aux_loss()
+        (gate,) = router.gates.values()
+        loss = torch.nn.functional.nll_loss(gate.shared[0].clamp_min(1e-9).log(), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(gate.last_probs.max()) < 0.9, float(gate.last_probs.max())

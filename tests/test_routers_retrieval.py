@@ -129,6 +129,26 @@ def test_fusion_refuses_other_gates_and_mixture_keeps_up_with_the_bank():
         router.route(RouterInput(texts=["q1"]))
 
 
+@pytest.mark.parametrize("temperature", [0.05, 2.0])
+def test_exemplar_vote_uses_the_configured_temperature(temperature):
+    """The index the router builds votes with ``softmax(s / T)``, T = ``config.temperature``."""
+    bank = small_bank()
+    enc = TableEncoder(KEYS | QUERIES)
+    router = RetrievalRouter(
+        RetrievalConfig(k=3, mode="exemplar", n_neighbors=3, temperature=temperature),
+        bank, embedder=enc,
+    )
+    router.index_expert("e0", ["a", "b"])  # e0 gets two keys, e1 one
+    router.index_expert("e1", ["c"])
+    out = router.route(RouterInput(texts=["q2"]))
+    sims = torch.tensor([cosines("q2")[n] for n in ("e2", "e0", "e1")])  # keys a, b, c
+    votes = torch.softmax(sims / temperature, 0)
+    expected = {"e0": float(votes[0] + votes[1]), "e1": float(votes[2])}
+    got = {bank.names[i]: float(s) for i, s in zip(out.indices[0], out.extras["scores"][0], strict=True)
+           if i >= 0}
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- real text
 GROUPS = {
     "nature": ["noun.animal", "noun.plant"],
