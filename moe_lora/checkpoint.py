@@ -97,7 +97,8 @@ class FamilyState:
                                                  n_neighbors=rc.n_neighbors,
                                                  temperature=rc.temperature))
         self.retrieval = RetrievalRouter(
-            RetrievalConfig(k=1, prefix="", mode=rc.mode, n_neighbors=rc.n_neighbors),
+            RetrievalConfig(k=1, prefix="", mode=rc.mode, n_neighbors=rc.n_neighbors,
+                            temperature=rc.temperature),
             bank, embedder=encoder, index=self.index, names=self.index_names,
         )
         return self.retrieval

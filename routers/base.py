@@ -136,7 +136,7 @@ class RetrievalConfig(RouterConfig):
     Attributes:
         k: experts retrieved per sample.
         weighting: ``"uniform"`` (1/k, as the paper) or ``"softmax"`` (``softmax(score / T)``).
-        temperature: T of the softmax weighting.
+        temperature: T of the softmax weighting and of the exemplar vote in the index it builds.
         composition: ``"mixture"`` (weighted expert outputs) or ``"fusion"`` (weighted
             parameters per sample).
         prefix: instruction put before every text (None: LoRARetriever's
