@@ -400,7 +400,7 @@ class ExpertIndex:
         if cfg.mode == "exemplar":
             n_hits = max(cfg.n_neighbors, k)
         else:
-            n_hits = k * max(len(e.vectors) for e in self._entries.values())
+            n_hits = k * cfg.n_centroids  # an expert has at most n_centroids vectors
         dist, fids = self._faiss.search(q, min(n_hits, self._faiss.ntotal))
         sims = -dist if cfg.metric == "l2" else dist
         experts = np.where(fids >= 0, fids >> ID_SHIFT, -1)

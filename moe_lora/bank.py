@@ -96,6 +96,7 @@ class ExpertBank(nn.Module):
             _set_submodule(model, path, layer)
             self.layers[path] = layer
         self._experts: list[ExpertInfo] = []
+        self._positions: dict[str, int] = {}  # name -> bank index, rebuilt on every change
         self._merged: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ experts
@@ -108,7 +109,7 @@ class ExpertBank(nn.Module):
         return len(self._experts)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names
+        return name in self._positions
 
     def index(self, name: str) -> int:
         """Bank index of expert ``name``.
@@ -116,10 +117,10 @@ class ExpertBank(nn.Module):
         Raises:
             KeyError: no such expert (the message lists the names).
         """
-        for i, e in enumerate(self._experts):
-            if e.name == name:
-                return i
-        raise KeyError(f"no expert named {name!r}; the bank has {self.names}")
+        i = self._positions.get(name)
+        if i is None:
+            raise KeyError(f"no expert named {name!r}; the bank has {self.names}")
+        return i
 
     def info(self, name: str) -> ExpertInfo:
         """Metadata of expert ``name``."""
@@ -146,7 +147,7 @@ class ExpertBank(nn.Module):
         """
         if not name or "/" in name or name != name.strip():
             raise ValueError(f"expert name must be non-empty, without '/' or edge spaces: {name!r}")
-        if name in self.names:
+        if name in self._positions:
             raise ValueError(f"an expert named {name!r} already exists")
         self._refuse_if_merged("add_expert")
         cfg = config or ExpertConfig()
@@ -185,6 +186,7 @@ class ExpertBank(nn.Module):
 
     def _changed(self) -> None:
         self.ctx.version += 1
+        self._positions = {e.name: i for i, e in enumerate(self._experts)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive gradients: trainable experts' factors and attached gates."""

@@ -192,7 +192,7 @@ class RetrievalRouter(WeightLog):
         if self.index is None or len(self.index) == 0:
             raise RuntimeError("RetrievalRouter: no expert is indexed; call index_expert first")
         ids, scores = self.index.search(self.embed(batch.texts).numpy(), self.config.k)
-        bank_index = {i: self.bank.index(n) for i, n in self.names.items()}
+        bank_index = {i: self.bank.index(self.names[i]) for i in np.unique(ids[ids >= 0]).tolist()}
         indices = torch.tensor(
             [[bank_index[i] if i >= 0 else -1 for i in row] for row in ids.tolist()]
         )

@@ -126,3 +126,18 @@ def test_inference_skips_the_auxiliary_losses():
     assert bank.pop_aux_loss() == 0
     (gate,) = router.gates.values()
     torch.testing.assert_close(gate.last_load.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_top_k_matches_torch_topk_values_indices_and_grads(k):
+    from moe_lora.routers.topk import top_k
+
+    logits = torch.randn(50, 8, requires_grad=True)
+    values, indices = top_k(logits, k)
+    ref_v, ref_i = logits.topk(k, dim=-1)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(values, ref_v)
+    w = torch.randn(50, k)
+    (grad,) = torch.autograd.grad((values * w).sum(), logits)
+    (ref,) = torch.autograd.grad((ref_v * w).sum(), logits)
+    torch.testing.assert_close(grad, ref)
