@@ -196,6 +196,9 @@ class LoRALayer(nn.Module):
             return self._dense(x, y, routing.weights)
         assert routing.indices is not None
         if routing.kind == "sample":
+            uniform = routing.uniform_expert()  # one expert, weight 1: the single path
+            if uniform is not None:
+                return self._single(x, y, uniform)
             return self._sample(x, y, routing.indices, routing.weights)
         if routing.kind == "token":
             return self._token(x, y, routing.indices, routing.weights)
@@ -265,10 +268,6 @@ class LoRALayer(nn.Module):
         bsz, k = indices.shape
         if x.shape[0] != bsz:
             raise ValueError(f"{self.path}: routing has {bsz} samples but the input has {x.shape[0]}")
-        if k == 1:  # uniform batch (one expert, weight 1): the single path, without a sort
-            first = indices[:1, :1]
-            if bool(((indices == first) & (first >= 0) & (weights == 1)).all()):
-                return self._single(x, y, int(first))
         weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
         uniq, inv = torch.unique(indices, return_inverse=True)

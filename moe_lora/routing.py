@@ -122,6 +122,20 @@ class Routing:
             return cls.per_token(out.indices, out.weights)
         return cls.per_sample(out.indices, out.weights)
 
+    def uniform_expert(self) -> int | None:
+        """For ``sample`` routing: the expert every sample uses alone with weight 1, else None.
+
+        Computed once per routing (memoised), not once per LoRA layer.
+        """
+        if self.kind != "sample" or self.indices is None or self.weights is None:
+            return None
+        if "_uniform" not in self.__dict__:
+            idx, w = self.indices, self.weights
+            first = idx[:1, :1]
+            same = idx.shape[1] == 1 and bool(((idx == first) & (first >= 0) & (w == 1)).all())
+            object.__setattr__(self, "_uniform", int(first) if same else None)
+        return self.__dict__["_uniform"]
+
     @property
     def batch_size(self) -> int | None:
         """B for the kinds that fix it, else None."""

@@ -383,3 +383,17 @@ def test_per_token_merge_and_grads_on_real_minilm(minilm):
     assert grads["b"] is not None and grads["b"].abs().sum() > 0
     assert grads["a"] is None and grads["c"] is None
     assert all(p.grad is None for n, p in model.named_parameters() if "experts" not in n)
+
+
+def test_uniform_per_sample_routing_takes_the_single_path():
+    assert Routing.per_sample(torch.tensor([2, 2, 2])).uniform_expert() == 2
+    assert Routing.per_sample(torch.tensor([2, 1, 2])).uniform_expert() is None
+    assert Routing.per_sample(torch.tensor([2, 2]), torch.tensor([1.0, 0.5])).uniform_expert() is None
+    assert Routing.per_sample(torch.tensor([-1, -1])).uniform_expert() is None
+    assert Routing.per_sample(torch.tensor([[1, 1], [1, 1]])).uniform_expert() is None
+    bank = tiny_bank()
+    x = torch.randn(3, 6)
+    with bank.use(1):
+        single = bank(x)
+    with bank.use(Routing.per_sample(torch.tensor([1, 1, 1]))):
+        torch.testing.assert_close(bank(x), single, atol=0, rtol=0)
