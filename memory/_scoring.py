@@ -42,6 +42,25 @@ def best_per_expert(experts: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.n
     return _fill(rows, k)
 
 
+def distinct_hits(experts: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`best_per_expert` when every expert has one vector (hits are distinct experts).
+
+    Vectorised over the batch: one ``lexsort`` per call instead of a reduction per row.
+    """
+    valid = experts >= 0
+    s = np.where(valid, sims.astype(np.float32), -np.inf)
+    e = np.where(valid, experts, np.iinfo(np.int64).max)
+    order = np.lexsort((e, -s))[:, :k]  # per row: best score first, then lower id
+    ids, scores = padded(len(experts), k)
+    width = order.shape[1]
+    top_e = np.take_along_axis(e, order, axis=1)
+    top_s = np.take_along_axis(s, order, axis=1)
+    keep = top_e != np.iinfo(np.int64).max
+    ids[:, :width] = np.where(keep, top_e, -1)
+    scores[:, :width] = np.where(keep, top_s, -np.inf)
+    return ids, scores
+
+
 def vote(
     experts: np.ndarray, sims: np.ndarray, k: int, temperature: float
 ) -> tuple[np.ndarray, np.ndarray]:

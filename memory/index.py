@@ -52,7 +52,7 @@ from ._index_files import (
     read_keys,
     read_manifest,
 )
-from ._scoring import best_per_expert, padded, vote
+from ._scoring import best_per_expert, distinct_hits, padded, vote
 
 __all__ = ["ExpertIndex", "IndexConfig", "IndexMismatchError"]
 
@@ -406,4 +406,6 @@ class ExpertIndex:
         experts = np.where(fids >= 0, fids >> ID_SHIFT, -1)
         if cfg.mode == "exemplar":
             return vote(experts, sims, k, cfg.temperature)
+        if cfg.n_centroids == 1:  # one vector per expert: the hits are distinct experts
+            return distinct_hits(experts, sims, k)
         return best_per_expert(experts, sims, k)

@@ -330,3 +330,18 @@ def test_exemplar_retrieval_of_lexnames_on_real_embeddings(gloss_embeddings):
     majority = np.bincount(labels[train]).max() / len(labels[train])
     print(f"lexname top-1 accuracy: {accuracy}, majority class {majority:.3f}")
     assert min(accuracy.values()) > 2 * majority
+
+
+def test_distinct_hits_equals_the_per_row_reduction():
+    from moe_lora.memory._scoring import best_per_expert, distinct_hits
+
+    rng = np.random.default_rng(3)
+    experts = np.stack([rng.permutation(50)[:12] for _ in range(40)]).astype(np.int64)
+    experts[::7, -3:] = -1  # missing hits
+    sims = rng.standard_normal((40, 12)).astype(np.float32)
+    sims[5, 1] = sims[5, 0]  # a tie: the lower id must come first
+    for k in (1, 5, 12, 15):
+        ids, scores = distinct_hits(experts, sims, k)
+        ref_ids, ref_scores = best_per_expert(experts, sims, k)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(scores, ref_scores)
