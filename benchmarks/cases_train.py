@@ -129,7 +129,7 @@ def case_olora(s: Settings) -> list[Row]:
     """6. O-LoRA penalty with 100 and 1,000 earlier experts as a share of a training step."""
     goals = {100: Goal("<=", 5.0), 1000: Goal("<=", 25.0)}
     try:
-        olora = importlib.import_module("moe_lora.olora")
+        olora = importlib.import_module("moe_lora.continual.olora")
     except ImportError:
         return [Row.pending("6", f"O-LoRA penalty, {n} earlier experts, % of a step", g,
                             "moe_lora/olora.py not there yet") for n, g in goals.items()]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moe_lora.io import atomic_write_json
+from moe_lora.core.io import atomic_write_json
 
 __all__ = [
     "Goal",

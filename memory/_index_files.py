@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from moe_lora.io import CorruptFileError, read_json, sha256_file
+from moe_lora.core.io import CorruptFileError, read_json, sha256_file
 
 ID_SHIFT = 32
 FORMAT, VERSION = "moe_lora.expert_index", 1

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 import torch
 
-from moe_lora.io import (
+from moe_lora.core.io import (
     CorruptFileError,
     atomic_path,
     atomic_save_tensors,

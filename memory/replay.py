@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from moe_lora.io import (
+from moe_lora.core.io import (
     CorruptFileError,
     atomic_save_tensors,
     atomic_write_json,

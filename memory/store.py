@@ -1,7 +1,7 @@
 """On-demand expert storage: thousands of experts on disk, a bounded LRU set resident in a bank.
 
 Each expert lives in its own folder under ``root`` in the bank's format (``manifest.json`` +
-``experts.safetensors``, see :mod:`moe_lora.storage`), with a catalogue ``store.json`` mapping
+``experts.safetensors``, see :mod:`moe_lora.core.storage`), with a catalogue ``store.json`` mapping
 stable integer expert ids (the ids used by :class:`~moe_lora.memory.ExpertIndex`) to names.
 :meth:`AdapterStore.ensure` makes a set of experts resident in the bank, loading misses from disk
 and evicting the least recently used unpinned experts until the count and byte bounds hold.
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_lora.bank import ExpertBank
-from moe_lora.io import atomic_write_json, read_json
-from moe_lora.routing import Routing
+from moe_lora.core.bank import ExpertBank
+from moe_lora.core.io import atomic_write_json, read_json
+from moe_lora.core.routing import Routing
 
 __all__ = ["AdapterStore", "StoreStats"]
 

@@ -5,11 +5,11 @@ A frozen base model carries a growing :class:`ExpertBank` of LoRA experts; a :cl
 per token. See ``docs/architecture.md``.
 """
 
-from moe_lora.bank import ExpertBank, ExpertInfo
-from moe_lora.config import ExpertConfig
-from moe_lora.io import CorruptFileError
-from moe_lora.layers import LoRALayer
-from moe_lora.routing import (
+from moe_lora.core.bank import ExpertBank, ExpertInfo
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.io import CorruptFileError
+from moe_lora.core.layers import LoRALayer
+from moe_lora.core.routing import (
     GateOutput,
     LayerGate,
     Router,
@@ -19,6 +19,8 @@ from moe_lora.routing import (
     get_router,
     register_router,
 )
+
+import moe_lora.routers  # noqa: E402,F401  (registers the built-in routers for get_router)
 
 __version__ = "0.1.0"
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moe_lora.io import read_json
-from moe_lora.settings import ConfigError, RunConfig, config_from_dict, load_config
+from moe_lora.core.io import read_json
+from moe_lora.continual.settings import ConfigError, RunConfig, config_from_dict, load_config
 
 __all__ = ["main"]
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_config(run_dir: Path) -> RunConfig:
     """The config saved in a run's checkpoints, writing into ``run_dir``, without a progress bar."""
-    from moe_lora.checkpoint import saved_config
+    from moe_lora.continual.checkpoint import saved_config
 
     return config_from_dict(saved_config(run_dir),
                             [f"output.dir={run_dir}", "train.progress_bar=false"])
@@ -64,7 +64,7 @@ def _run_config(run_dir: Path) -> RunConfig:
 
 def cmd_continual(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, args.profile)  # fails before any work
-    from moe_lora.continual import is_rank_zero, run_continual
+    from moe_lora.continual.runner import is_rank_zero, run_continual
 
     run_continual(cfg, resume=args.resume)
     if is_rank_zero():
@@ -73,8 +73,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from moe_lora.continual import ContinualRunner, group_families
-    from moe_lora.results import write_evaluation
+    from moe_lora.continual.runner import ContinualRunner, group_families
+    from moe_lora.continual.results import write_evaluation
 
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
@@ -89,7 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_family(runner: Any, family: str, names: list[str]) -> dict[str, Any]:
     """Evaluate ``family``'s last checkpoint on the test set of every task it has seen."""
-    from moe_lora.continual import SETTING
+    from moe_lora.continual.runner import SETTING
 
     ctx = runner.open_family(family, names)
     state = ctx.state
@@ -121,11 +121,11 @@ def _restore(run_dir: Path, family: str) -> tuple[RunConfig, Any, Any, Any, Any]
 
     Only the base model is loaded (no stream preparation), for ``route`` and ``export``.
     """
-    from moe_lora.bank import ExpertBank
-    from moe_lora.checkpoint import load_family
-    from moe_lora.continual import build_backbone, stream_config
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.continual.checkpoint import load_family
+    from moe_lora.continual.runner import build_backbone, stream_config
     from moe_lora.data import build_stream
-    from moe_lora.module import TaskHeads
+    from moe_lora.continual.module import TaskHeads
 
     cfg = _run_config(run_dir)
     stream = build_stream(stream_config(cfg))
@@ -155,7 +155,7 @@ class _BaseEncoder:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from moe_lora.routing import RouterInput
+    from moe_lora.core.routing import RouterInput
 
     run_dir = Path(args.run_dir)
     cfg, stream, backbone, bank, state = _restore(run_dir, "experts")
@@ -211,7 +211,7 @@ def _format_routes(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from moe_lora.peft_interop import export_peft
+    from moe_lora.interop.peft import export_peft
 
     run_dir = Path(args.run_dir)
     cfg, _, _, bank, _ = _restore(run_dir, args.family)
@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if (path / "manifest.json").is_file():
-        from moe_lora.storage import read_manifest
+        from moe_lora.core.storage import read_manifest
 
         m = read_manifest(path)
         print(f"bank of base {m['base']['id']!r}: {len(m['layers'])} LoRA layers")
@@ -236,7 +236,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"steps={e['trained_steps']}")
         return 0
     if (path / "results.json").is_file():
-        from moe_lora.results import format_table
+        from moe_lora.continual.results import format_table
 
         results = read_json(path / "results.json")
         print(f"run of {results['benchmark']}: tasks {results.get('tasks')}")

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from moe_lora.report import plot_routing_weights, write_routing_weights_csv
-from moe_lora.routing import RouterInput, Routing, get_router
+from moe_lora.core.report import plot_routing_weights, write_routing_weights_csv
+from moe_lora.core.routing import RouterInput, Routing, get_router
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.layers import LoRALayer
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.core.layers import LoRALayer
 
 __all__ = [
     "RouterConfig",

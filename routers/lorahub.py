@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_lora.config import ExpertConfig
-from moe_lora.routing import RouterInput, RouterOutput, Routing, register_router
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.routing import RouterInput, RouterOutput, Routing, register_router
 
 from .base import LoRAHubConfig, WeightLog, bank_device, batch_size
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
+    from moe_lora.core.bank import ExpertBank
 
 __all__ = ["LoRAHubRouter", "LoRAHubResult", "compose_state"]
 

@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lora.routing import GateOutput, register_router
+from moe_lora.core.routing import GateOutput, register_router
 
 from .base import GateRouter, MoLEConfig, token_mask
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.layers import LoRALayer
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.core.layers import LoRALayer
 
 __all__ = ["MoLERouter", "MoLEGate", "balance_loss"]
 

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moe_lora.routing import GateOutput, RouterInput, RouterOutput, Routing, register_router
+from moe_lora.core.routing import GateOutput, RouterInput, RouterOutput, Routing, register_router
 
 from .base import RetrievalConfig, WeightLog, bank_device, dense_weights
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.layers import LoRALayer
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.core.layers import LoRALayer
     from moe_lora.memory import ExpertIndex
 
 __all__ = ["RetrievalRouter", "FusionGate", "TextEncoder", "fused_delta"]

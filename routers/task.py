@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moe_lora.routing import RouterInput, RouterOutput, Routing, register_router
+from moe_lora.core.routing import RouterInput, RouterOutput, Routing, register_router
 
 from .base import TaskRouterConfig, WeightLog, bank_device, batch_size, dense_weights
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
+    from moe_lora.core.bank import ExpertBank
 
 __all__ = ["TaskRouter", "UnknownTaskError"]
 

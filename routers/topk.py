@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lora.routing import GateOutput, Routing, register_router
+from moe_lora.core.routing import GateOutput, Routing, register_router
 
 from .base import GateRouter, TopKConfig, token_mask
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.layers import LoRALayer
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.core.layers import LoRALayer
 
 __all__ = ["TopKRouter", "TopKGate", "load_balancing_loss", "z_loss"]
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_lora.cli import main
-from moe_lora.settings import STRATEGY_NAMES, ConfigError, load_config
+from moe_lora.continual.settings import STRATEGY_NAMES, ConfigError, load_config
 
 
 def test_bad_key_fails_before_any_work(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_loggers_csv_always_tensorboard_when_installed(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from moe_lora.continual import build_loggers
+    from moe_lora.continual.runner import build_loggers
 
     kinds = [type(x) for x in build_loggers(["csv", "tensorboard"], tmp_path, "experts/task0")]
     has_tb = importlib.util.find_spec("tensorboard") is not None
@@ -102,7 +102,7 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(run_dir, caps
 def test_export_peft_loads_in_peft_with_the_same_outputs(run_dir, tmp_path):
     peft = pytest.importorskip("peft")
     from moe_lora import ExpertBank, Routing
-    from moe_lora.continual import build_backbone, stream_config
+    from moe_lora.continual.runner import build_backbone, stream_config
     from moe_lora.data import build_stream
 
     assert main(["export", str(run_dir), "task2", str(tmp_path / "peft")]) == 0

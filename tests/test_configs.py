@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_lora.settings import ConfigError, RunConfig, load_config
+from moe_lora.continual.settings import ConfigError, RunConfig, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

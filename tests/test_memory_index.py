@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lora.io import CorruptFileError
+from moe_lora.core.io import CorruptFileError
 from moe_lora.memory import Embedder, EmbedderConfig, ExpertIndex, IndexConfig, IndexMismatchError
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from moe_lora.io import CorruptFileError
+from moe_lora.core.io import CorruptFileError
 from moe_lora.memory import ReplayBuffer, ReplayConfig, mixed_loader
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_lora.metrics import (
+from moe_lora.continual.metrics import (
     AccuracyMatrix,
     RouterAccuracy,
     average_accuracy,

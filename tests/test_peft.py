@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
-from moe_lora.peft_interop import export_peft, import_peft
+from moe_lora.interop.peft import export_peft, import_peft
 
 peft = pytest.importorskip("peft")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lora.report import (
+from moe_lora.core.report import (
     plot_accuracy_matrix,
     plot_routing_weights,
     plot_strategy_comparison,

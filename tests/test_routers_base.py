@@ -20,7 +20,7 @@ from moe_lora.routers import (
     build_router,
     save_weights,
 )
-from moe_lora.routing import router_names
+from moe_lora.core.routing import router_names
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lora.bank import ExpertBank
+from moe_lora.core.bank import ExpertBank
 
 __all__ = ["olora_loss", "orthogonality", "l2_norm"]
 

@@ -1,7 +1,7 @@
 """Cached examples of a task stream: the frozen prefix's outputs, labels, tasks and retrieval keys.
 
 :func:`prepare_stream` runs each split of each task through the backbone's frozen prefix once
-(:mod:`moe_lora.backbones`) and through the whole frozen base once more to get the base embedding
+(:mod:`moe_lora.models.backbones`) and through the whole frozen base once more to get the base embedding
 that retrieval routing indexes (for MiniLM, the mean-pooled sentence embedding; for the MLP, its
 features), so no strategy ever recomputes either.
 """
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from moe_lora.backbones import Backbone
-from moe_lora.bank import ExpertBank
+from moe_lora.models.backbones import Backbone
+from moe_lora.core.bank import ExpertBank
 from moe_lora.data import Split, Task, TaskStream
 
 __all__ = ["Examples", "PreparedTask", "Collate", "loader", "prepare_stream"]

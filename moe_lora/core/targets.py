@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from moe_lora.layers import is_supported
+from moe_lora.core.layers import is_supported
 
 __all__ = ["resolve_targets", "default_target_names", "HEAD_NAMES"]
 

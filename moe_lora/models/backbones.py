@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from moe_lora.targets import resolve_targets
+from moe_lora.core.targets import resolve_targets
 
 __all__ = ["Backbone", "EncoderBackbone", "MLPBackbone", "States"]
 
@@ -135,7 +135,7 @@ class EncoderBackbone(Backbone):
         return self.model.encoder.layer  # type: ignore[no-any-return]
 
     def lora_targets(self, names: Sequence[str]) -> list[str]:
-        from moe_lora.targets import default_target_names
+        from moe_lora.core.targets import default_target_names
 
         leaves = list(names) if names else default_target_names(self.model)
         top = [f"encoder.layer.{i}." for i in range(self.split, len(self.blocks))]

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from moe_lora.layers import LoRALayer
 
 __all__ = [
     "Routing",
@@ -212,7 +210,7 @@ class LayerGate(Protocol):
     ask for expert outputs (:meth:`moe_lora.layers.LoRALayer.expert_outputs`).
     """
 
-    def __call__(self, x: Tensor, layer: LoRALayer) -> GateOutput: ...
+    def __call__(self, x: Tensor, layer: Any) -> GateOutput: ...
 
 
 _ROUTERS: dict[str, Callable[..., Any]] = {}
@@ -240,8 +238,6 @@ def get_router(name: str) -> Callable[..., Any]:
     Raises:
         KeyError: unknown name; the message lists the registered ones.
     """
-    if not _ROUTERS:
-        import moe_lora.routers  # noqa: F401  (registers the built-in routers)
     if name not in _ROUTERS:
         raise KeyError(f"unknown router {name!r}; registered routers: {sorted(_ROUTERS)}")
     return _ROUTERS[name]

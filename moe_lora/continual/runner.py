@@ -23,7 +23,7 @@ experts-mole        experts    task-agnostic  MoLE gates trained on the replay b
 Shared-head families (naive, replay, olora, joint) also report the task-aware setting (argmax over
 the evaluated task's classes) under ``task_aware`` in ``results.json``.
 
-After every task a family's state is checkpointed atomically (see :mod:`moe_lora.checkpoint`);
+After every task a family's state is checkpointed atomically (see :mod:`moe_lora.continual.checkpoint`);
 ``resume=True`` continues from the last completed task. With ``train.devices > 1`` every process
 runs this same code; Lightning's DDP averages gradients, evaluation is sharded and the metrics are
 summed across processes, and only rank 0 writes files.
@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from moe_lora.backbones import Backbone, EncoderBackbone, MLPBackbone
-from moe_lora.bank import ExpertBank
-from moe_lora.checkpoint import FamilyState, check_resume_config, load_family, save_family
-from moe_lora.config import ExpertConfig
+from moe_lora.models.backbones import Backbone, EncoderBackbone, MLPBackbone
+from moe_lora.core.bank import ExpertBank
+from moe_lora.continual.checkpoint import FamilyState, check_resume_config, load_family, save_family
+from moe_lora.core.config import ExpertConfig
 from moe_lora.data import (
     DigitsStreamConfig,
     FileStreamConfig,
@@ -58,15 +58,15 @@ from moe_lora.data import (
     WordNetStreamConfig,
     build_stream,
 )
-from moe_lora.evaluation import (
+from moe_lora.continual.evaluation import (
     class_mask,
     predict_confidence,
     predict_gated,
     predict_routed,
     predict_shared,
 )
-from moe_lora.examples import Examples, PreparedTask, loader, prepare_stream
-from moe_lora.metrics import (
+from moe_lora.continual.prepared import Examples, PreparedTask, loader, prepare_stream
+from moe_lora.continual.metrics import (
     AccuracyMatrix,
     RouterAccuracy,
     average_accuracy,
@@ -74,9 +74,9 @@ from moe_lora.metrics import (
     forgetting,
     forward_transfer,
 )
-from moe_lora.module import ModuleConfig, MoELoRAModule, TaskHeads
-from moe_lora.routing import RouterInput
-from moe_lora.settings import RunConfig, to_dict
+from moe_lora.continual.module import ModuleConfig, MoELoRAModule, TaskHeads
+from moe_lora.core.routing import RouterInput
+from moe_lora.continual.settings import RunConfig, to_dict
 
 __all__ = ["FAMILY", "SETTING", "ContinualRunner", "LookupEncoder", "build_loggers", "group_families",
            "is_rank_zero", "run_continual"]
@@ -181,7 +181,7 @@ class ContinualRunner:
     """Runs ``cfg.strategies.run`` on the configured stream; see the module docstring.
 
     Args:
-        cfg: the run config (see :mod:`moe_lora.settings`).
+        cfg: the run config (see :mod:`moe_lora.continual.settings`).
         resume: continue from the checkpoints in ``cfg.output.dir``.
     """
 
@@ -549,7 +549,7 @@ def _json_matrix(r: torch.Tensor) -> list[list[float | None]]:
 
 def run_continual(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run a whole continual benchmark and write its results (rank 0); returns the results."""
-    from moe_lora.results import write_results
+    from moe_lora.continual.results import write_results
 
     t0 = time.perf_counter()
     if resume:  # refuse a different config before any model loads

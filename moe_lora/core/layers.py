@@ -8,7 +8,7 @@ r"""The LoRA layer: a frozen base projection plus a bank of low-rank experts, mi
 
 For expert e, ``delta_e(x) = s_e * B_e A_e x`` with ``s_e = alpha_e / r_e`` (or ``/ sqrt(r_e)``).
 How the experts are weighted comes from the shared :class:`RoutingContext` (see
-:mod:`moe_lora.routing`). Every mixed path is a batched tensor operation:
+:mod:`moe_lora.core.routing`). Every mixed path is a batched tensor operation:
 
 * ``single``: two matmuls, fused into ``addmm`` (the cheapest path; also taken by a uniform batch);
 * ``sample`` (k experts per sample): the used experts' factors are gathered per row, padded to the
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lora.config import ExpertConfig
-from moe_lora.routing import GateOutput, Routing
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.routing import GateOutput, Routing
 
 __all__ = ["LoRALayer", "LoRAFactors", "RoutingContext", "is_supported", "base_weight_shape"]
 

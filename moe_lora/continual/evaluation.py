@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_lora.examples import Examples, loader
-from moe_lora.module import MoELoRAModule
-from moe_lora.routing import RouterInput, Routing
+from moe_lora.continual.prepared import Examples, loader
+from moe_lora.continual.module import MoELoRAModule
+from moe_lora.core.routing import RouterInput, Routing
 
 __all__ = [
     "class_mask",

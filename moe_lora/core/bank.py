@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lora.config import ExpertConfig
-from moe_lora.layers import LoRALayer, RoutingContext
-from moe_lora.routing import Routing
-from moe_lora.targets import resolve_targets
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.io import CorruptFileError, sha256_bytes
+from moe_lora.core.layers import LoRALayer, RoutingContext
+from moe_lora.core.routing import Routing
+from moe_lora.core.storage import read_bank_tensors, read_manifest, write_bank
+from moe_lora.core.targets import resolve_targets
 
 __all__ = ["ExpertBank", "ExpertInfo"]
 
@@ -73,7 +75,7 @@ class ExpertBank(nn.Module):
 
     Args:
         model: any ``nn.Module``; its parameters are frozen. It is modified in place.
-        targets: which modules get experts (see :mod:`moe_lora.targets`).
+        targets: which modules get experts (see :mod:`moe_lora.core.targets`).
         base_id: a name for the base model, recorded in saved banks (e.g. ``"minilm"``).
 
     Raises:
@@ -345,23 +347,101 @@ class ExpertBank(nn.Module):
             layer.clear_cache()
 
     # ------------------------------------------------------------------ storage
-    def save(self, path: str | Path, names: Sequence[str] | None = None) -> Path:
-        """Save experts (all, or ``names``) to folder ``path``; see :mod:`moe_lora.storage`."""
-        from moe_lora.storage import save_bank
+    def base_fingerprint(self) -> str:
+        """SHA-256 over the first two target layers' base weights (identifies the pretrained base)."""
+        parts = []
+        for layer in list(self.layers.values())[:2]:
+            w = layer.base.weight.detach().to("cpu", torch.float32).contiguous()
+            parts.append(w.numpy().tobytes())
+        return sha256_bytes(b"".join(parts))
 
-        return save_bank(self, path, names)
+    def save(self, path: str | Path, names: Sequence[str] | None = None) -> Path:
+        """Save experts (all, or ``names``) to folder ``path``; see :mod:`moe_lora.core.storage`.
+
+        Raises:
+            RuntimeError: the bank is merged (the base weights would not identify the base model).
+        """
+        self._refuse_if_merged("save")
+        chosen = list(self.names if names is None else names)
+        tensors: dict[str, Tensor] = {}
+        for name in chosen:
+            for key, t in self.expert_parameters(name).items():
+                layer_path, _, which = key.rpartition(".")
+                tensors[f"{name}/{layer_path}/{which}"] = t
+        manifest = {
+            "base": {"id": self.base_id, "class": type(self.model).__name__,
+                     "fingerprint": self.base_fingerprint()},
+            "layers": {p: {"in": la.in_features, "out": la.out_features}
+                       for p, la in self.layers.items()},
+            "experts": [self.info(n).to_json() for n in chosen],
+        }
+        return write_bank(Path(path), manifest, tensors)
 
     def save_expert(self, name: str, path: str | Path) -> Path:
         """Save one expert to folder ``path`` (the bank format with a single expert)."""
         return self.save(path, [name])
 
+    def _check_saved_base(self, manifest: dict[str, Any], folder: Path, strict: bool) -> None:
+        saved = manifest["layers"]
+        if set(saved) != set(self.layers):
+            raise ValueError(
+                f"{folder}: saved for layers {sorted(saved)[:3]}... ({len(saved)}), but this bank "
+                f"wraps {sorted(self.layers)[:3]}... ({len(self.layers)})"
+            )
+        for p, shape in saved.items():
+            layer = self.layers[p]
+            if (shape["in"], shape["out"]) != (layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"{folder}: layer {p} was [in={shape['in']}, out={shape['out']}] when saved, "
+                    f"the model has [in={layer.in_features}, out={layer.out_features}]"
+                )
+        base = manifest["base"]
+        if strict and base["fingerprint"] != self.base_fingerprint():
+            raise ValueError(
+                f"{folder}: saved for base model {base['id']!r} ({base['class']}), whose weights "
+                f"differ from this model's; pass strict_base=False to load anyway"
+            )
+
     def load_experts(
         self, path: str | Path, names: Sequence[str] | None = None, *, strict_base: bool = True
     ) -> list[int]:
-        """Add the experts saved in folder ``path`` (all, or ``names``); returns their indices."""
-        from moe_lora.storage import load_experts_into
+        """Add the experts saved in folder ``path`` (all, or ``names``); returns their indices.
 
-        return load_experts_into(self, path, names, strict_base=strict_base)
+        Raises:
+            FileNotFoundError / CorruptFileError: missing, truncated or modified files.
+            ValueError: base model, layer or tensor shapes disagree; a name is missing or taken.
+        """
+        folder = Path(path)
+        manifest = read_manifest(folder)
+        self._check_saved_base(manifest, folder, strict_base)
+        infos = [ExpertInfo.from_json(d) for d in manifest["experts"]]
+        available = [i.name for i in infos]
+        wanted = available if names is None else list(names)
+        for n in wanted:
+            if n not in available:
+                raise ValueError(f"{folder}: no expert {n!r}; it holds {available}")
+        tensors = read_bank_tensors(folder, manifest)
+        return [self._add_saved(info, tensors, folder) for info in infos if info.name in wanted]
+
+    def _add_saved(self, info: ExpertInfo, tensors: dict[str, Tensor], folder: Path) -> int:
+        idx = self.add_expert(info.name, info.config, task=info.task, trainable=info.trainable,
+                              meta=info.meta)
+        state = {}
+        for layer_path in self.layers:
+            for which in ("lora_A", "lora_B"):
+                key = f"{info.name}/{layer_path}/{which}"
+                if key not in tensors:
+                    self.remove_expert(info.name)
+                    raise CorruptFileError(f"{folder}: tensor {key!r} missing from the bank file")
+                state[f"{layer_path}.{which}"] = tensors[key]
+        try:
+            self.set_expert_state(info.name, state)
+        except ValueError:
+            self.remove_expert(info.name)
+            raise
+        saved = self.info(info.name)
+        saved.created, saved.trained_steps = info.created, info.trained_steps
+        return idx
 
     def load_expert(self, path: str | Path, name: str | None = None) -> int:
         """Add one saved expert (the folder's only one, or ``name``); returns its index."""
@@ -380,8 +460,6 @@ class ExpertBank(nn.Module):
             ValueError: the base model differs from the one the bank was saved with.
             moe_lora.io.CorruptFileError: a file is truncated, modified or unparsable.
         """
-        from moe_lora.storage import read_manifest
-
         manifest = read_manifest(path)
         bank = cls(model, targets=list(manifest["layers"]), base_id=manifest["base"]["id"])
         bank.load_experts(path, strict_base=strict_base)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moe_lora.io import atomic_write_json
-from moe_lora.report import (
+from moe_lora.core.io import atomic_write_json
+from moe_lora.core.report import (
     plot_accuracy_matrix,
     plot_strategy_comparison,
     write_accuracy_matrix_csv,

@@ -37,8 +37,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from moe_lora.io import atomic_write_json, read_json
-from moe_lora.targets import default_target_names
+from moe_lora.core.io import atomic_write_json, read_json
+from moe_lora.core.targets import default_target_names
 
 __all__ = ["EMBEDDED_MODELS", "BaseModel", "default_targets", "load_base", "model_cache_dir"]
 
@@ -73,7 +73,7 @@ def default_targets(model: nn.Module) -> list[str] | str:
     """LoRA target module names for ``model``'s architecture, ``"all-linear"`` when unknown.
 
     BERT-like: ``["query", "value"]``; Llama-like: ``["q_proj", "v_proj"]``; GPT-2: ``["c_attn"]``.
-    The rule lives in :func:`moe_lora.targets.default_target_names` (what ``targets="auto"`` uses).
+    The rule lives in :func:`moe_lora.core.targets.default_target_names` (what ``targets="auto"`` uses).
     """
     return default_target_names(model)
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from moe_lora.io import atomic_path, atomic_write_bytes
+from moe_lora.core.io import atomic_path, atomic_write_bytes
 
 __all__ = [
     "plot_accuracy_matrix",

@@ -11,7 +11,7 @@ Two kinds of training:
   only.
 
 Loss = task loss + ``aux_coef`` * router aux loss (MoLE balance) + O-LoRA terms
-(:mod:`moe_lora.olora`). The optimiser covers trainable parameters only; with LoRA+
+(:mod:`moe_lora.continual.olora`). The optimiser covers trainable parameters only; with LoRA+
 (arXiv 2402.12354) every ``lora_B`` gets ``lora_plus_ratio`` times the learning rate of the rest.
 """
 
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lora.backbones import Backbone
-from moe_lora.bank import ExpertBank
-from moe_lora.olora import olora_loss
-from moe_lora.routing import Routing
+from moe_lora.models.backbones import Backbone
+from moe_lora.core.bank import ExpertBank
+from moe_lora.continual.olora import olora_loss
+from moe_lora.core.routing import Routing
 
 __all__ = ["ModuleConfig", "MoELoRAModule", "TaskHeads"]
 

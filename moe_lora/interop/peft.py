@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lora.config import ExpertConfig
-from moe_lora.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
+    from moe_lora.core.bank import ExpertBank
 
 __all__ = ["export_peft", "import_peft", "peft_target_modules", "CONFIG_FILE", "WEIGHTS_FILE"]
 

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moe_lora.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from moe_lora.core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 if TYPE_CHECKING:
-    from moe_lora.bank import ExpertBank
-    from moe_lora.module import TaskHeads
-    from moe_lora.settings import RunConfig
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.continual.module import TaskHeads
+    from moe_lora.continual.settings import RunConfig
 
 __all__ = ["FamilyState", "RESUMABLE_KEYS", "check_resume_config", "load_family", "save_family",
            "saved_config"]
@@ -232,7 +232,7 @@ def check_resume_config(root: Path, config: dict[str, Any]) -> None:
         ConfigError: names every differing key with both values (keys in
             :data:`RESUMABLE_KEYS` may differ).
     """
-    from moe_lora.settings import ConfigError
+    from moe_lora.continual.settings import ConfigError
 
     now = _flat(config)
     for family, meta in _checkpoint_states(root).items():

@@ -1,0 +1,1 @@
+"""Exchange with other libraries: PEFT LoRA folders (:mod:`.peft`)."""

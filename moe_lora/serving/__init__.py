@@ -1,0 +1,1 @@
+"""Serving a trained bank over HTTP (see docs/serving.md)."""
