@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
+from moe_lora.continual.module import ModuleConfig, MoELoRAModule
 from moe_lora.data import WordNetStreamConfig, build_wordnet_stream
 from moe_lora.models import load_base
-from moe_lora.continual.module import ModuleConfig, MoELoRAModule
 
 
 def prompt(text: str) -> str:

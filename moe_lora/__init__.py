@@ -5,6 +5,7 @@ A frozen base model carries a growing :class:`ExpertBank` of LoRA experts; a :cl
 per token. See ``docs/architecture.md``.
 """
 
+import moe_lora.routers  # noqa: E402,F401  (registers the built-in routers for get_router)
 from moe_lora.core.bank import ExpertBank, ExpertInfo
 from moe_lora.core.config import ExpertConfig
 from moe_lora.core.io import CorruptFileError
@@ -19,8 +20,6 @@ from moe_lora.core.routing import (
     get_router,
     register_router,
 )
-
-import moe_lora.routers  # noqa: E402,F401  (registers the built-in routers for get_router)
 
 __version__ = "0.1.0"
 

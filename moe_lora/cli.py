@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moe_lora.core.io import read_json
 from moe_lora.continual.settings import ConfigError, RunConfig, config_from_dict, load_config
+from moe_lora.core.io import read_json
 
 __all__ = ["main"]
 
@@ -73,8 +73,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from moe_lora.continual.runner import ContinualRunner, group_families
     from moe_lora.continual.results import write_evaluation
+    from moe_lora.continual.runner import ContinualRunner, group_families
 
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
@@ -121,11 +121,11 @@ def _restore(run_dir: Path, family: str) -> tuple[RunConfig, Any, Any, Any, Any]
 
     Only the base model is loaded (no stream preparation), for ``route`` and ``export``.
     """
-    from moe_lora.core.bank import ExpertBank
     from moe_lora.continual.checkpoint import load_family
-    from moe_lora.continual.runner import build_backbone, stream_config
-    from moe_lora.data import build_stream
     from moe_lora.continual.module import TaskHeads
+    from moe_lora.continual.runner import build_backbone, stream_config
+    from moe_lora.core.bank import ExpertBank
+    from moe_lora.data import build_stream
 
     cfg = _run_config(run_dir)
     stream = build_stream(stream_config(cfg))

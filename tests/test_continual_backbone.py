@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
-from moe_lora.models.backbones import EncoderBackbone, MLPBackbone
 from moe_lora.continual.module import ModuleConfig, MoELoRAModule, TaskHeads
 from moe_lora.continual.olora import l2_norm, olora_loss, orthogonality
+from moe_lora.models.backbones import EncoderBackbone, MLPBackbone
 
 TEXTS = ["dog: a member of the genus Canis", "run: move fast by using one's feet", "x",
          "bank: sloping land beside a body of water, especially a river or a lake"]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moe_lora.continual.runner import run_continual
 from moe_lora.continual.metrics import average_accuracy, backward_transfer, forgetting
+from moe_lora.continual.runner import run_continual
 from moe_lora.continual.settings import load_config
 
 STRATEGIES = "[naive,replay,olora,experts-taskid,experts-retrieval,experts-confidence]"

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from moe_lora import ExpertBank, ExpertConfig, RouterInput
+from moe_lora.core.routing import router_names
 from moe_lora.routers import (
     LoRAHubConfig,
     MoLEConfig,
@@ -20,7 +21,6 @@ from moe_lora.routers import (
     build_router,
     save_weights,
 )
-from moe_lora.core.routing import router_names
 
 torch.set_num_threads(1)
 

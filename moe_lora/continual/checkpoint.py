@@ -35,9 +35,9 @@ import torch
 from moe_lora.core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 if TYPE_CHECKING:
-    from moe_lora.core.bank import ExpertBank
     from moe_lora.continual.module import TaskHeads
     from moe_lora.continual.settings import RunConfig
+    from moe_lora.core.bank import ExpertBank
 
 __all__ = ["FamilyState", "RESUMABLE_KEYS", "check_resume_config", "load_family", "save_family",
            "saved_config"]

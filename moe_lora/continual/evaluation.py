@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_lora.continual.prepared import Examples, loader
 from moe_lora.continual.module import MoELoRAModule
+from moe_lora.continual.prepared import Examples, loader
 from moe_lora.core.routing import RouterInput, Routing
 
 __all__ = [

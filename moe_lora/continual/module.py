@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lora.models.backbones import Backbone
-from moe_lora.core.bank import ExpertBank
 from moe_lora.continual.olora import olora_loss
+from moe_lora.core.bank import ExpertBank
 from moe_lora.core.routing import Routing
+from moe_lora.models.backbones import Backbone
 
 __all__ = ["ModuleConfig", "MoELoRAModule", "TaskHeads"]
 

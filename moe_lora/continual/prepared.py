@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from moe_lora.models.backbones import Backbone
 from moe_lora.core.bank import ExpertBank
 from moe_lora.data import Split, Task, TaskStream
+from moe_lora.models.backbones import Backbone
 
 __all__ = ["Examples", "PreparedTask", "Collate", "loader", "prepare_stream"]
 

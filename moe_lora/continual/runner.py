@@ -47,17 +47,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from moe_lora.models.backbones import Backbone, EncoderBackbone, MLPBackbone
-from moe_lora.core.bank import ExpertBank
 from moe_lora.continual.checkpoint import FamilyState, check_resume_config, load_family, save_family
-from moe_lora.core.config import ExpertConfig
-from moe_lora.data import (
-    DigitsStreamConfig,
-    FileStreamConfig,
-    TaskStream,
-    WordNetStreamConfig,
-    build_stream,
-)
 from moe_lora.continual.evaluation import (
     class_mask,
     predict_confidence,
@@ -65,7 +55,6 @@ from moe_lora.continual.evaluation import (
     predict_routed,
     predict_shared,
 )
-from moe_lora.continual.prepared import Examples, PreparedTask, loader, prepare_stream
 from moe_lora.continual.metrics import (
     AccuracyMatrix,
     RouterAccuracy,
@@ -75,8 +64,19 @@ from moe_lora.continual.metrics import (
     forward_transfer,
 )
 from moe_lora.continual.module import ModuleConfig, MoELoRAModule, TaskHeads
-from moe_lora.core.routing import RouterInput
+from moe_lora.continual.prepared import Examples, PreparedTask, loader, prepare_stream
 from moe_lora.continual.settings import RunConfig, to_dict
+from moe_lora.core.bank import ExpertBank
+from moe_lora.core.config import ExpertConfig
+from moe_lora.core.routing import RouterInput
+from moe_lora.data import (
+    DigitsStreamConfig,
+    FileStreamConfig,
+    TaskStream,
+    WordNetStreamConfig,
+    build_stream,
+)
+from moe_lora.models.backbones import Backbone, EncoderBackbone, MLPBackbone
 
 __all__ = ["FAMILY", "SETTING", "ContinualRunner", "LookupEncoder", "build_loggers", "group_families",
            "is_rank_zero", "run_continual"]

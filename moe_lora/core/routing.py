@@ -32,7 +32,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-
 __all__ = [
     "Routing",
     "RouterInput",
