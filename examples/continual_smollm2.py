@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
-from moe_lora.continual.module import ModuleConfig, MoELoRAModule
+from moe_lora.continual.module import MoELoRAModule, TrainPlan
+from moe_lora.continual.settings import TrainConfig
 from moe_lora.data import WordNetStreamConfig, build_wordnet_stream
 from moe_lora.models import load_base
 
@@ -80,16 +81,18 @@ def main() -> None:
     base = load_base("smollm2-135m", task="causal-lm")
     tok = base.tokenizer
     bank = ExpertBank(base.model, targets=base.default_targets, base_id="smollm2-135m")
-    module = MoELoRAModule(bank, ModuleConfig(kind="causal-lm", lr=2e-3, lora_plus_ratio=4.0))
+    train_cfg = TrainConfig(lr=2e-3, lora_plus_ratio=4.0)
     name = lambda c: c.split(".")[1]  # noqa: E731  "noun.animal" -> "animal"
     acc = torch.full((len(stream), len(stream)), float("nan"))
     loss = {"before": [], "after": []}
     for task in stream:
         bank.freeze()
-        module.active = bank.add_expert(f"task{task.task_id}", ExpertConfig(rank=8), task=task.task_id)
+        active = bank.add_expert(f"task{task.task_id + 1}", ExpertConfig(rank=8), task=task.task_id)
+        module = MoELoRAModule(bank, train_cfg, TrainPlan(routing="single", active=active,
+                                                          kind="causal-lm"))
         texts, classes = list(task.test.inputs), [name(c) for c in task.classes]
         truth = task.to_local(task.test.labels).tolist()
-        scores = label_losses(bank, tok, texts, classes, module.active, max_prompt)  # B = 0: the base
+        scores = label_losses(bank, tok, texts, classes, active, max_prompt)  # B = 0: the base
         loss["before"].append(true_label_loss(scores, truth))
         labels = [name(stream.class_names[int(y)]) for y in task.train.labels]
         data = list(zip(task.train.inputs, labels, strict=True))

@@ -388,7 +388,7 @@ class GateRouter(WeightLog):
         raise NotImplementedError
 
     def __call__(self, path: str, layer: LoRALayer) -> nn.Module:
-        gate = self.make_gate(path, layer)
+        gate = self.make_gate(path, layer).to(layer.base.weight.device)
         self.gates[path] = gate
         return gate
 

@@ -15,7 +15,7 @@ whose expert each sample was routed to, ``[N]``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,12 +44,15 @@ def class_mask(n_classes: int, ids: list[int]) -> Tensor:
 
 def masked_argmax(logits: Tensor, allowed: Tensor) -> Tensor:
     """Argmax of ``logits`` [N, C] over the classes where ``allowed`` ([C] or [N, C]) is True."""
-    return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf")).argmax(-1)
 
 
-def _batches(module: MoELoRAModule, ex: Examples, bs: int):  # type: ignore[no-untyped-def]
+def _batches(module: MoELoRAModule, ex: Examples, bs: int) -> Iterator[dict[str, Tensor]]:
+    """Collated batches of ``ex`` in order, on the module's device."""
     assert module.backbone is not None
-    return loader(ex, module.backbone, bs)
+    device = module.device
+    for batch in loader(ex, module.backbone, bs):
+        yield {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -129,7 +132,7 @@ def predict_confidence(
 def predict_gated(
     module: MoELoRAModule, ex: Examples, router: object, seen_classes: Tensor, bs: int = 256
 ) -> tuple[Tensor, Tensor]:
-    """Predictions ``[N]`` under MoLE gates and each sample's most-weighted expert ``[N]``.
+    """Predictions ``[N]`` under MoLE gates and each sample's mean gate weights ``[N, E]``.
 
     ``router``: a :class:`moe_lora.routers.MoLERouter` attached to the module's bank.
     """
@@ -140,7 +143,7 @@ def predict_gated(
         logits = module.logits(batch, routing)
         module.bank.pop_aux_loss()
         preds.append(masked_argmax(logits, seen_classes))
-        routed.append(sample_gate_probs(router, mask, len(batch["labels"])).argmax(-1))
+        routed.append(sample_gate_probs(router, mask, len(batch["labels"])))
     return torch.cat(preds), torch.cat(routed)
 
 

@@ -17,7 +17,7 @@ Loss = task loss + ``aux_coef`` * router aux loss (MoLE balance) + O-LoRA terms
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -26,33 +26,55 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lora.continual.olora import olora_loss
+from moe_lora.continual.settings import TrainConfig
 from moe_lora.core.bank import ExpertBank
 from moe_lora.core.routing import Routing
 from moe_lora.models.backbones import Backbone
 
-__all__ = ["ModuleConfig", "MoELoRAModule", "TaskHeads"]
+__all__ = ["MoELoRAModule", "NonFiniteLossError", "OLoRATerms", "TaskHeads", "TrainPlan",
+           "causal_lm_loss"]
 
 
-@dataclass
-class ModuleConfig:
-    """Optimisation knobs of :class:`MoELoRAModule` (see :class:`moe_lora.settings.TrainConfig`).
+@dataclass(frozen=True)
+class OLoRATerms:
+    """O-LoRA terms of one fit: the new expert's index, the earlier ones, and the loss weights."""
+
+    new: int
+    previous: tuple[int, ...]
+    lambda1: float
+    lambda2: float
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What one ``fit`` trains: the routing, the classes the loss covers, optional O-LoRA terms.
 
     Attributes:
+        routing: ``single`` (expert ``active``), ``sum`` (every expert, weight 1: O-LoRA),
+            ``gated`` (the attached gates) or ``base``.
+        active: the expert of ``single`` routing.
+        train_classes: global class ids the loss covers (None: all); the "labels trick".
+        olora: O-LoRA terms, or None.
+        tag: ``<strategy>/task<k>``, named in errors.
         kind: ``classify`` or ``causal-lm``.
-        lr: learning rate of LoRA ``A`` factors, heads and gates.
-        lora_plus_ratio: ``lr`` multiplier of ``lora_B`` factors (1: plain LoRA).
-        weight_decay: AdamW weight decay.
-        aux_coef: weight of the routers' auxiliary loss.
-        olora_lambda1, olora_lambda2: O-LoRA weights; O-LoRA is active when ``olora_new`` is set.
     """
 
+    routing: str = "single"
+    active: int = 0
+    train_classes: tuple[int, ...] | None = None
+    olora: OLoRATerms | None = None
+    tag: str = ""
     kind: str = "classify"
-    lr: float = 2e-3
-    lora_plus_ratio: float = 1.0
-    weight_decay: float = 0.0
-    aux_coef: float = 0.01
-    olora_lambda1: float = 0.5
-    olora_lambda2: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.routing not in ("single", "sum", "gated", "base"):
+            raise ValueError(f"TrainPlan.routing must be single/sum/gated/base, got {self.routing!r}")
+        if self.kind not in ("classify", "causal-lm"):
+            raise ValueError(f"TrainPlan.kind must be 'classify' or 'causal-lm', got {self.kind!r}")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became nan/inf; the message names the fit, the step and likely causes."""
 
 
 class TaskHeads(nn.Module):
@@ -115,45 +137,50 @@ class TaskHeads(nn.Module):
 
 
 class MoELoRAModule(L.LightningModule):
-    """Frozen base, :class:`ExpertBank`, task heads and the routing used while training.
+    """Frozen base, :class:`ExpertBank`, task heads and what one ``fit`` trains.
+
+    Configured entirely by its constructor; build one per fit (it wraps the shared bank and heads,
+    so building is free).
 
     Args:
         bank: the expert bank wrapping the base model.
-        cfg: :class:`ModuleConfig`.
+        train: the run's :class:`~moe_lora.continual.settings.TrainConfig` (lr, LoRA+, weight decay,
+            aux_coef, on_nonfinite), passed as the object itself.
+        plan: :class:`TrainPlan` of this fit.
         backbone: the feature extractor (``classify``); None for ``causal-lm``.
         heads: :class:`TaskHeads` (``classify``).
 
-    What the runner sets before each ``fit``:
-        ``train_routing``: ``"single"`` (expert ``active``), ``"sum"`` (every expert, weight 1:
-        O-LoRA) or ``"gated"`` (the attached MoLE gates); ``active``; ``train_classes`` (bool
-        ``[n_classes]``); ``olora_new`` / ``olora_previous`` (expert indices) to add O-LoRA terms.
+    Raises:
+        ValueError: ``classify`` without backbone or heads.
     """
 
     def __init__(
         self,
         bank: ExpertBank,
-        cfg: ModuleConfig,
+        train: TrainConfig,
+        plan: TrainPlan,
         backbone: Backbone | None = None,
         heads: TaskHeads | None = None,
     ):
         super().__init__()
-        if cfg.kind not in ("classify", "causal-lm"):
-            raise ValueError(f"ModuleConfig.kind must be 'classify' or 'causal-lm', got {cfg.kind!r}")
-        if cfg.kind == "classify" and (backbone is None or heads is None):
+        if plan.kind == "classify" and (backbone is None or heads is None):
             raise ValueError("classify needs a backbone and task heads")
-        self.bank, self.cfg, self.backbone, self.heads = bank, cfg, backbone, heads
-        self.train_routing = "single"
-        self.active = 0
-        self.train_classes: Tensor | None = None
-        self.olora_new: int | None = None
-        self.olora_previous: list[int] = []
+        self.bank, self.train_cfg, self.plan = bank, train, plan
+        self.backbone, self.heads = backbone, heads
+        self.save_hyperparameters({"plan": asdict(plan), "train": asdict(train)})
+        classes = None
+        if plan.train_classes is not None and heads is not None:
+            classes = torch.zeros(heads.n_classes, dtype=torch.bool)
+            classes[list(plan.train_classes)] = True
+        self.register_buffer("train_classes", classes, persistent=False)
+        self.skipped_batches = 0
 
     # ------------------------------------------------------------------ forward
     def routing(self, batch_size: int, mode: str | None = None) -> Routing:
-        """The training routing (or ``mode``) as a :class:`Routing` for a batch of ``batch_size``."""
-        mode = mode or self.train_routing
+        """The plan's routing (or ``mode``) as a :class:`Routing` for a batch of ``batch_size``."""
+        mode = mode or self.plan.routing
         if mode == "single":
-            return Routing.single(self.active)
+            return Routing.single(self.plan.active)
         if mode == "sum":
             return Routing.dense(torch.ones(batch_size, len(self.bank), device=self.device))
         if mode == "gated":
@@ -178,40 +205,67 @@ class MoELoRAModule(L.LightningModule):
 
     def _task_loss(self, batch: dict[str, Tensor]) -> Tensor:
         routing = self.routing(self._batch_size(batch))
-        if self.cfg.kind == "causal-lm":
+        if self.plan.kind == "causal-lm":
             return causal_lm_loss(self.bank, batch, routing)
+        return F.cross_entropy(self._masked_logits(batch, routing), batch["labels"])
+
+    def _masked_logits(self, batch: dict[str, Tensor], routing: Routing) -> Tensor:
         logits = self.logits(batch, routing)
         if self.train_classes is not None:
-            logits = logits.masked_fill(~self.train_classes.to(logits.device), float("-inf"))
-        return F.cross_entropy(logits, batch["labels"])
+            logits = logits.masked_fill(~self.train_classes, float("-inf"))
+        return logits
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         task = self._task_loss(batch)
         aux = self.bank.pop_aux_loss().to(task.device)
-        loss = task + self.cfg.aux_coef * aux
+        loss = task + self.train_cfg.aux_coef * aux
         log = {"train/task_loss": task, "train/aux_loss": aux}
-        if self.olora_new is not None:
-            reg = olora_loss(self.bank, self.olora_new, self.olora_previous,
-                             self.cfg.olora_lambda1, self.cfg.olora_lambda2)
+        if self.plan.olora is not None:
+            o = self.plan.olora
+            reg = olora_loss(self.bank, o.new, list(o.previous), o.lambda1, o.lambda2)
             loss = loss + reg
             log["train/olora_loss"] = reg
+        if not torch.isfinite(loss):
+            return self._non_finite("loss", batch_idx)
         log["train/loss"] = loss
-        self.log_dict(log, prog_bar=False, batch_size=self._batch_size(batch))
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=self._batch_size(batch))
+        n = self._batch_size(batch)
+        self.log_dict(log, prog_bar=False, batch_size=n)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads]).max()):
+            if self._non_finite("gradient", self.global_step) is None:
+                optimizer.zero_grad(set_to_none=True)
+
+    def _non_finite(self, what: str, step: int) -> None:
+        """Stop with :class:`NonFiniteLossError` (``on_nonfinite: stop``) or skip the batch."""
+        if self.train_cfg.on_nonfinite == "skip_batch":
+            self.skipped_batches += 1
+            return None
+        raise NonFiniteLossError(
+            f"{self.plan.tag}: non-finite {what} at step {step} (epoch {self.current_epoch}); "
+            f"likely causes: a learning rate too high (train.lr={self.train_cfg.lr}, LoRA+ ratio "
+            f"{self.train_cfg.lora_plus_ratio}), nan/inf in the input data, or an unstable "
+            f"auxiliary loss (train.aux_coef={self.train_cfg.aux_coef}); set "
+            "train.on_nonfinite=skip_batch to skip such batches"
+        )
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss = self._task_loss(batch)
-        self.bank.pop_aux_loss()
         n = self._batch_size(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        if self.cfg.kind == "classify":
-            logits = self.logits(batch, self.routing(n))
-            if self.train_classes is not None:
-                logits = logits.masked_fill(~self.train_classes, float("-inf"))
+        routing = self.routing(n)
+        if self.plan.kind == "causal-lm":
+            loss = causal_lm_loss(self.bank, batch, routing)
             self.bank.pop_aux_loss()
-            acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-            self.log("val/acc", acc, prog_bar=True, batch_size=n, sync_dist=True)
+            self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+            return
+        logits = self._masked_logits(batch, routing)
+        self.bank.pop_aux_loss()
+        self.log("val/loss", F.cross_entropy(logits, batch["labels"]), prog_bar=True,
+                 batch_size=n, sync_dist=True)
+        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
+        self.log("val/acc", acc, prog_bar=True, batch_size=n, sync_dist=True)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -220,10 +274,11 @@ class MoELoRAModule(L.LightningModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (b_params if name.endswith("lora_B") else rest).append(p)
-        groups: list[dict[str, Any]] = [{"params": rest, "lr": self.cfg.lr}]
+        t = self.train_cfg
+        groups: list[dict[str, Any]] = [{"params": rest, "lr": t.lr}]
         if b_params:
-            groups.append({"params": b_params, "lr": self.cfg.lr * self.cfg.lora_plus_ratio})
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            groups.append({"params": b_params, "lr": t.lr * t.lora_plus_ratio})
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def causal_lm_loss(bank: ExpertBank, batch: dict[str, Tensor], routing: Routing) -> Tensor:

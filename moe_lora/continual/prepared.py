@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
 from moe_lora.core.bank import ExpertBank
 from moe_lora.data import Split, Task, TaskStream
@@ -164,15 +165,23 @@ def base_embeddings(
 
 
 def prepare_stream(
-    stream: TaskStream, backbone: Backbone, bank: ExpertBank
+    stream: TaskStream, backbone: Backbone, bank: ExpertBank, progress: bool = False
 ) -> tuple[list[PreparedTask], dict[str, np.ndarray]]:
-    """Cache every split of every task; returns the tasks and the base-embedding table."""
+    """Cache every split of every task; returns the tasks and the base-embedding table.
+
+    ``progress`` shows a bar over the tasks' splits (the frozen prefix and the base embeddings).
+    """
     tasks = []
     table: dict[str, np.ndarray] = {}
+    bar = tqdm(total=3 * len(stream), desc="caching frozen features", disable=not progress,
+               leave=False, unit="split")
     for task in stream:
-        splits = [_examples(getattr(task, s), task.task_id, s, backbone)
-                  for s in ("train", "val", "test")]
-        tasks.append(PreparedTask(task, *splits))
-        for ex in splits:
+        splits = []
+        for name in ("train", "val", "test"):
+            ex = _examples(getattr(task, name), task.task_id, name, backbone)
             table |= base_embeddings(ex, backbone, bank)
+            splits.append(ex)
+            bar.update()
+        tasks.append(PreparedTask(task, *splits))
+    bar.close()
     return tasks, table

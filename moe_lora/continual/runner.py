@@ -1,32 +1,13 @@
-"""The continual runner: a task stream through every strategy, with metrics, checkpoints and DDP.
+"""The continual runner: a task stream through every requested strategy, with metrics,
+checkpoints, one progress bar and DDP.
 
-For each task of the stream: add an expert (per the strategy), freeze the earlier ones, fit with a
-Lightning ``Trainer``, index the task's inputs for retrieval, store exemplars in the replay buffer,
-then evaluate every task seen so far and fill the accuracy matrix ``R[i][j]``.
+For each strategy (:mod:`moe_lora.continual.strategies`) the runner calls the lifecycle of
+:class:`~moe_lora.continual.strategies.base.Strategy` task after task, evaluates every result the
+run asked of it on each task's test set (sharded over the processes of a DDP run, counts summed),
+and commits a checkpoint after every step. The runner knows no strategy by name.
 
-Strategies and what they share (a *family* trains once; its strategies differ only at inference):
-
-==================  =========  =============  ==============================================
-strategy            family     setting        inference
-==================  =========  =============  ==============================================
-joint               joint      task-agnostic  one expert trained on all tasks at once (bound)
-naive               naive      task-agnostic  one expert trained on task after task
-replay              replay     task-agnostic  naive + a class-balanced replay buffer
-olora               olora      task-agnostic  an expert per task, O-LoRA loss, all summed
-experts-taskid      experts    task-aware     the task id picks the expert (TaskRouter)
-experts-retrieval   experts    task-agnostic  RetrievalRouter (LoRARetriever) picks it
-experts-confidence  experts    task-agnostic  the expert whose own head is most confident,
-                                              times the retrieval prior
-experts-mole        experts    task-agnostic  MoLE gates trained on the replay buffer
-==================  =========  =============  ==============================================
-
-Shared-head families (naive, replay, olora, joint) also report the task-aware setting (argmax over
-the evaluated task's classes) under ``task_aware`` in ``results.json``.
-
-After every task a family's state is checkpointed atomically (see :mod:`moe_lora.continual.checkpoint`);
-``resume=True`` continues from the last completed task. With ``train.devices > 1`` every process
-runs this same code; Lightning's DDP averages gradients, evaluation is sharded and the metrics are
-summed across processes, and only rank 0 writes files.
+With ``train.devices > 1`` every process runs this same code; Lightning's DDP averages gradients,
+evaluation is sharded and the metrics are summed across processes, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -35,40 +16,26 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from moe_lora.continual.checkpoint import FamilyState, check_resume_config, load_family, save_family
-from moe_lora.continual.evaluation import (
-    class_mask,
-    predict_confidence,
-    predict_gated,
-    predict_routed,
-    predict_shared,
-)
-from moe_lora.continual.metrics import (
-    AccuracyMatrix,
-    RouterAccuracy,
-    average_accuracy,
-    backward_transfer,
-    forgetting,
-    forward_transfer,
-)
-from moe_lora.continual.module import ModuleConfig, MoELoRAModule, TaskHeads
-from moe_lora.continual.prepared import Examples, PreparedTask, loader, prepare_stream
-from moe_lora.continual.settings import RunConfig, to_dict
+from moe_lora.continual import registry
+from moe_lora.continual.checkpoint import check_resume, load_checkpoint, save_checkpoint
+from moe_lora.continual.console import EpochTicker, RunProgress
+from moe_lora.continual.module import MoELoRAModule
+from moe_lora.continual.prepared import Examples, loader, prepare_stream
+from moe_lora.continual.record import StepMetrics, StrategyRecord
+from moe_lora.continual.settings import ConfigError, RunConfig, to_dict
+from moe_lora.continual.strategies.base import RunContext, Strategy
 from moe_lora.core.bank import ExpertBank
-from moe_lora.core.config import ExpertConfig
-from moe_lora.core.routing import RouterInput
 from moe_lora.data import (
     DigitsStreamConfig,
     FileStreamConfig,
@@ -78,32 +45,28 @@ from moe_lora.data import (
 )
 from moe_lora.models.backbones import Backbone, EncoderBackbone, MLPBackbone
 
-__all__ = ["FAMILY", "SETTING", "ContinualRunner", "LookupEncoder", "build_loggers", "group_families",
-           "is_rank_zero", "run_continual"]
+__all__ = ["ContinualRunner", "OUTPUTS", "build_backbone", "build_loggers", "is_rank_zero",
+           "prepare_output", "resolve_device", "run_continual", "stream_config"]
 
 log = logging.getLogger(__name__)
 
-FAMILY = {
-    "joint": "joint", "naive": "naive", "replay": "replay", "olora": "olora",
-    "experts-taskid": "experts", "experts-retrieval": "experts",
-    "experts-confidence": "experts", "experts-mole": "experts",
-}
-SETTING = {name: "task-agnostic" for name in FAMILY} | {"experts-taskid": "task-aware"}
+OUTPUTS = ("results.json", "evaluation.json", "strategies.png", "checkpoints", "logs")
+"""What a run writes into its output folder (besides ``accuracy_matrix_*`` files)."""
 
 
-class LookupEncoder:
-    """A :class:`moe_lora.routers.retrieval.TextEncoder` over precomputed base embeddings.
-
-    The runner embeds every example once (the frozen base's pooled output, L2-normalised: for
-    MiniLM exactly its sentence-transformers embedding) and the retrieval router looks them up by
-    key (the text, or an example id for feature inputs). The prefix argument is ignored.
-    """
-
-    def __init__(self, table: dict[str, np.ndarray]):
-        self.table = table
-
-    def encode(self, texts: Any, prefix: str | None = None) -> np.ndarray:
-        return np.stack([self.table[t] for t in texts])
+def stream_config(cfg: RunConfig) -> WordNetStreamConfig | DigitsStreamConfig | FileStreamConfig:
+    """The data package's stream config for ``cfg.data``."""
+    d = cfg.data
+    if d.benchmark == "split-wordnet":
+        return WordNetStreamConfig(n_tasks=d.n_tasks, classes_per_task=d.classes_per_task,
+                                   min_count=d.min_count, train_per_class=d.train_per_class,
+                                   val_per_class=d.val_per_class, test_per_class=d.test_per_class,
+                                   seed=d.seed)
+    if d.benchmark == "split-digits":
+        return DigitsStreamConfig(n_tasks=d.n_tasks, classes_per_task=d.classes_per_task,
+                                  seed=d.seed)
+    assert d.path is not None
+    return FileStreamConfig(d.path, seed=d.seed)
 
 
 def build_backbone(cfg: RunConfig, stream: TaskStream) -> Backbone:
@@ -112,7 +75,7 @@ def build_backbone(cfg: RunConfig, stream: TaskStream) -> Backbone:
     if m.name == "mlp":
         first = stream[0].train.inputs
         if not isinstance(first, torch.Tensor):
-            raise ValueError("model.name=mlp needs feature inputs (e.g. split-digits)")
+            raise ConfigError("model.name: 'mlp' needs feature inputs (e.g. split-digits)")
         return MLPBackbone(first.shape[1], m.mlp_hidden, m.mlp_depth, seed=cfg.train.seed)
     from moe_lora.models import load_base
 
@@ -120,23 +83,25 @@ def build_backbone(cfg: RunConfig, stream: TaskStream) -> Backbone:
     return EncoderBackbone(base.model, base.tokenizer, m.lora_layers, m.max_length)
 
 
-def stream_config(cfg: RunConfig) -> WordNetStreamConfig | DigitsStreamConfig | FileStreamConfig:
-    """The data package's stream config for ``cfg.data``."""
-    d = cfg.data
-    if d.benchmark == "split-wordnet":
-        return WordNetStreamConfig(d.n_tasks, d.classes_per_task, d.min_count, d.train_per_class,
-                                   d.val_per_class, d.test_per_class, d.seed)
-    if d.benchmark == "split-digits":
-        return DigitsStreamConfig(d.n_tasks, d.classes_per_task, seed=d.seed)
-    assert d.path is not None
-    return FileStreamConfig(d.path, seed=d.seed)
+def resolve_device(accelerator: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``gpu``/``cuda`` -> CUDA (must exist).
+
+    Raises:
+        ConfigError: a GPU was asked for and none is available.
+    """
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator: {accelerator!r} asked for, but no CUDA device")
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto"
+                                                   and torch.cuda.is_available())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda \
+        else torch.device("cpu")
 
 
 def build_loggers(names: list[str], root: Path, tag: str) -> list[Logger]:
-    """Lightning loggers ``names`` (``csv``, ``tensorboard``) for fit ``tag`` (``family/task<k>``).
+    """Lightning loggers ``names`` (``csv``, ``tensorboard``) for fit ``tag`` (``strategy/task<k>``).
 
-    CSV goes to ``root/<family>/task<k>/metrics.csv``, TensorBoard to
-    ``root/tensorboard/<family>/task<k>/``; ``tensorboard`` is skipped when the package is missing.
+    CSV goes to ``root/<strategy>/task<k>/metrics.csv``, TensorBoard to
+    ``root/tensorboard/<strategy>/task<k>/``; ``tensorboard`` is skipped when the package is missing.
     """
     name, version = tag.split("/")[0], tag.split("/")[-1]
     out: list[Logger] = []
@@ -147,28 +112,9 @@ def build_loggers(names: list[str], root: Path, tag: str) -> list[Logger]:
     return out
 
 
-def group_families(strategies: list[str]) -> dict[str, list[str]]:
-    """Strategy names grouped by the family that trains them (in order of first appearance)."""
-    families: dict[str, list[str]] = {}
-    for name in strategies:
-        families.setdefault(FAMILY[name], []).append(name)
-    return families
-
-
 def is_rank_zero() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return _rank_world()[0] == 0
-
-
-def _launched_rank(devices: int) -> tuple[int, int]:
-    """(rank, world) this process will have in a ``devices``-process run (before DDP starts).
-
-    Lightning's launcher gives every process ``LOCAL_RANK`` (rank 0 gets it at the first fit,
-    after its data loaders are built, hence the default 0).
-    """
-    if devices == 1:
-        return 0, 1
-    return int(os.environ.get("LOCAL_RANK", 0)), devices
 
 
 def _rank_world() -> tuple[int, int]:
@@ -177,131 +123,165 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), 1
 
 
+def _launched_rank(devices: int) -> tuple[int, int]:
+    """(rank, world) this process will have in a ``devices``-process run (before DDP starts)."""
+    if devices == 1:
+        return 0, 1
+    return int(os.environ.get("LOCAL_RANK", 0)), devices
+
+
 class ContinualRunner:
     """Runs ``cfg.strategies.run`` on the configured stream; see the module docstring.
 
     Args:
         cfg: the run config (see :mod:`moe_lora.continual.settings`).
         resume: continue from the checkpoints in ``cfg.output.dir``.
+        progress: show the overall progress bar (rank 0 only).
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.output.dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
-        self.stream = build_stream(stream_config(cfg))
-        self.backbone = build_backbone(cfg, self.stream)
-        targets = self.backbone.lora_targets(cfg.model.targets)
-        self.bank = ExpertBank(self.backbone.model, targets=targets, base_id=cfg.model.name)
+        self.device = resolve_device(cfg.train.accelerator)
+        self.show = progress and cfg.train.progress_bar and is_rank_zero()
         t0 = time.perf_counter()
-        self.tasks, self.table = prepare_stream(self.stream, self.backbone, self.bank)
+        self.stream = build_stream(stream_config(cfg))
+        backbone = build_backbone(cfg, self.stream)
+        targets = backbone.lora_targets(cfg.model.targets)
+        bank = ExpertBank(backbone.model, targets=targets, base_id=cfg.model.name)
+        tasks, table = prepare_stream(self.stream, backbone, bank, progress=self.show)
+        backbone.to(self.device)
+        self.ctx = RunContext(cfg, self.stream, backbone, bank, tasks, table, self.fit,
+                              self.device)
         self.prepare_seconds = time.perf_counter() - t0
-        self.n_classes = self.stream.n_classes
         self.digests: dict[str, list[str]] = {}
-        self.expert_cfg = ExpertConfig(rank=cfg.model.rank, alpha=cfg.model.alpha,
-                                       dropout=cfg.model.dropout)
+        self.progress = RunProgress(0, enabled=False)
 
-    # ------------------------------------------------------------------ public
+    # ---------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
-        """Run every requested family; returns (and on rank 0 writes) the results dict."""
-        strategies: dict[str, Any] = {}
-        for family, names in group_families(self.cfg.strategies.run).items():
-            strategies |= self.run_family(family, names)
-        results = {
+        """Run every requested strategy; returns the results dict."""
+        plan = registry.resolve(self.cfg.strategies.run)
+        self.progress = RunProgress(sum(self._units(spec) for spec, _ in plan), self.show)
+        entries: dict[str, Any] = {}
+        try:
+            for spec, results in plan:
+                entries |= self.run_strategy(spec, results)
+        finally:
+            self.progress.close()
+        return {
             "benchmark": self.stream.benchmark,
             "config": to_dict(self.cfg),
             "tasks": [t.name for t in self.stream],
-            "prepare_seconds": self.prepare_seconds,
-            "strategies": strategies,
+            "class_names": self.stream.class_names,
+            "prepare_seconds": round(self.prepare_seconds, 1),
+            "strategies": entries,
             "processes": {"world_size": _rank_world()[1], "state_sha256": self.digests},
         }
-        return results
 
-    # ------------------------------------------------------------------ a family
-    def _reset(self) -> tuple[MoELoRAModule, TaskHeads]:
-        self.bank.detach_gates()
-        for name in self.bank.names:
-            self.bank.remove_expert(name)
-        heads = TaskHeads(self.backbone.dim, self.n_classes)
-        t = self.cfg.train
-        mcfg = ModuleConfig("classify", t.lr, t.lora_plus_ratio, t.weight_decay, t.aux_coef,
-                            self.cfg.strategies.olora.lambda1, self.cfg.strategies.olora.lambda2)
-        return MoELoRAModule(self.bank, mcfg, self.backbone, heads), heads
+    def _units(self, spec: registry.StrategySpec) -> int:
+        return spec.cls.steps(self.ctx.n_tasks) * (self.cfg.train.epochs + 1)
 
-    def open_family(self, family: str, names: list[str]) -> _FamilyContext:
-        """A family's context: its last checkpoint when resuming (if there is one), else fresh."""
-        module, heads = self._reset()
-        ckpt = self.out / "checkpoints" / family
-        state = load_family(ckpt, self.bank, heads) if self.resume else None
-        if state is None:
-            state = FamilyState(family=family, names=names, config=to_dict(self.cfg))
-            self._init_family(family, heads, state)
-        return _FamilyContext(self, family, names, module, heads, state)
+    def open_strategy(self, spec: registry.StrategySpec,
+                      results: list[str]) -> tuple[Strategy, StrategyRecord]:
+        """A strategy and its record: from its last checkpoint when resuming, else fresh."""
+        self.ctx.reset_bank()
+        strategy = spec.cls(self.ctx, registry.options_of(spec, self.cfg.strategies), results)
+        record = None
+        if self.resume:
+            record = load_checkpoint(self.out / "checkpoints" / spec.name, strategy, self.ctx.bank)
+        if record is None:
+            strategy.setup()
+            record = StrategyRecord(spec.name, results, self.ctx.n_tasks)
+        return strategy, record
 
-    def run_family(self, family: str, names: list[str]) -> dict[str, Any]:
-        """Train a family task by task (resuming if asked) and return its strategies' entries."""
-        ctx = self.open_family(family, names)
-        state, heads = ctx.state, ctx.heads
-        n_tasks = 1 if family == "joint" else len(self.tasks)
-        ckpt = self.out / "checkpoints" / family
-        for t in range(state.completed, n_tasks):
-            log.info("[%s] task %d/%d", family, t + 1, n_tasks)
+    def run_strategy(self, spec: registry.StrategySpec, results: list[str]) -> dict[str, Any]:
+        """Train and evaluate one strategy step by step (resuming if asked); its entries."""
+        strategy, record = self.open_strategy(spec, results)
+        n = strategy.n_steps
+        self.progress.advance(record.completed * (self.cfg.train.epochs + 1))
+        t_start = time.perf_counter()
+        for step in range(record.completed, n):
+            self.progress.at(spec.name, step + 1, n)
             t0 = time.perf_counter()
-            ctx.learn(t)
-            state.train_seconds += time.perf_counter() - t0
-            ctx.evaluate(t)
-            state.completed = t + 1
-            if _rank_world()[0] == 0:
-                save_family(ckpt, state, self.bank, heads)
-        self.digests[family] = _gather(_digest(self.bank, state))
-        return ctx.entries()
+            strategy.before_task(step)
+            strategy.train_task(step)
+            strategy.after_task(step)
+            record.train_seconds += time.perf_counter() - t0
+            self.progress.detail("evaluating")
+            self.evaluate_step(strategy, record, step)
+            self.progress.advance()
+            record.completed = step + 1
+            if is_rank_zero():
+                save_checkpoint(self.out / "checkpoints" / spec.name, to_dict(self.cfg),
+                                strategy, record, self.ctx.bank)
+        self.digests[spec.name] = _gather(_digest(self.ctx.bank))
+        entries = record.entries(spec, strategy.fwt_baseline, strategy.row(n - 1))
+        self.progress.write(_done_line(spec.name, entries, time.perf_counter() - t_start))
+        return entries
 
-    def _init_family(self, family: str, heads: TaskHeads, state: FamilyState) -> None:
-        if family == "experts":
-            return
-        for task in self.tasks:  # one shared head over every class, created up front
-            heads.add(task.task.class_ids)
-        if family in ("naive", "replay", "joint"):
-            self.bank.add_expert("shared", self.expert_cfg, task="all")
-        state.baseline = _baseline(self, heads)
+    def evaluate_step(self, strategy: Strategy, record: StrategyRecord, step: int) -> None:
+        """Fill row ``strategy.row(step)`` of every matrix of ``record``."""
+        rank, world = _rank_world()
+        row = strategy.row(step)
+        task_of_class = torch.zeros(self.ctx.n_classes, dtype=torch.long)
+        for pt in self.ctx.tasks:
+            task_of_class[pt.task.class_ids] = pt.task.task_id
+        metrics = StepMetrics(record.results, self.ctx.n_tasks, task_of_class)
+        for j in strategy.eval_tasks(step):
+            test = self.ctx.tasks[j].test
+            shard = test.select(range(rank, len(test), world))
+            for result, pred in strategy.evaluate(step, j, shard).items():
+                metrics.update(result, row, j, pred, shard.labels, shard.tasks)
+        record.set_row(row, metrics.compute(row))
 
-    # ------------------------------------------------------------------ training
+    # ---------------------------------------------------------------- training
     def fit(self, module: MoELoRAModule, train: Examples, val: Examples, tag: str,
             seed: int) -> None:
         """One Lightning ``fit`` of ``module`` on ``train`` (validated once on ``val``)."""
         t = self.cfg.train
-        strategy: Any = t.strategy
-        if t.strategy in ("ddp", "ddp_spawn"):
-            strategy = DDPStrategy(
-                start_method="popen" if t.strategy == "ddp" else "spawn",
-                find_unused_parameters=True, process_group_backend="gloo" if t.accelerator == "cpu" else None,
-            )
-        rank, world = _launched_rank(t.devices)
+        rank, world = _launched_rank(t.devices * t.num_nodes)
         trainer = L.Trainer(
-            use_distributed_sampler=False,
-            max_epochs=t.epochs,
-            accelerator=t.accelerator, devices=t.devices, strategy=strategy,
+            use_distributed_sampler=False, max_epochs=t.epochs,
+            accelerator="gpu" if self.device.type == "cuda" else "cpu",
+            devices=t.devices, num_nodes=t.num_nodes, strategy=self._trainer_strategy(),
+            precision=t.precision,  # type: ignore[arg-type]
             logger=build_loggers(t.loggers, self.out / "logs", tag),
-            enable_checkpointing=False, enable_progress_bar=t.progress_bar,
+            callbacks=[EpochTicker(self.progress, t.epochs)],
+            enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
             check_val_every_n_epoch=t.epochs,
         )
-        trainer.fit(module, loader(train, self.backbone, t.batch_size, True, seed, rank, world),
-                    loader(val, self.backbone, t.eval_batch_size) if len(val) else None)
+        trainer.fit(module, loader(train, self.ctx.backbone, t.batch_size, True, seed, rank, world),
+                    loader(val, self.ctx.backbone, t.eval_batch_size) if len(val) else None)
+        module.to(self.device)  # Lightning's teardown moves the module to the CPU
+
+    def _trainer_strategy(self) -> Any:
+        t = self.cfg.train
+        if t.strategy not in ("ddp", "ddp_spawn"):
+            return t.strategy
+        return DDPStrategy(start_method="popen" if t.strategy == "ddp" else "spawn",
+                           find_unused_parameters=True,
+                           process_group_backend="gloo" if self.device.type == "cpu" else "nccl")
 
 
-def _digest(bank: ExpertBank, state: FamilyState) -> str:
-    """SHA-256 over the bank's expert tensors and the retrieval index's keys (rank equality)."""
+def _done_line(name: str, entries: dict[str, Any], seconds: float) -> str:
+    parts = []
+    for result, e in entries.items():
+        aa = e.get("average_accuracy")
+        parts.append(f"{result} AA {aa:.3f}" if aa is not None else result)
+    return f"{name}: done in {seconds:.0f} s ({', '.join(parts)})"
+
+
+def _digest(bank: ExpertBank) -> str:
+    """SHA-256 over the bank's expert tensors (rank equality in DDP runs)."""
     h = hashlib.sha256()
     for name in bank.names:
         for key, t in sorted(bank.expert_parameters(name).items()):
             h.update(key.encode())
-            h.update(t.detach().contiguous().numpy().tobytes())
-    if state.index is not None:
-        for eid in state.index.expert_ids:
-            h.update(np.ascontiguousarray(state.index.keys(eid)).tobytes())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -314,249 +294,44 @@ def _gather(value: str) -> list[str]:
     return [str(v) for v in out]
 
 
-def _baseline(runner: ContinualRunner, heads: TaskHeads) -> list[float]:
-    """Task-aware accuracy of the untrained model on every task (the FWT baseline ``b_j``)."""
-    module = MoELoRAModule(runner.bank, ModuleConfig(), runner.backbone, heads)
-    out = []
-    for j, pt in enumerate(runner.tasks):
-        aware, _ = predict_shared(module, pt.test, class_mask(runner.n_classes, pt.task.class_ids),
-                                  class_mask(runner.n_classes, pt.task.class_ids), "base")
-        out.append(float((aware == pt.test.labels).double().mean()))
-        del j
-    return out
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: a folder holding a run needs ``resume`` or
+    ``overwrite`` (which deletes only what a run writes).
+
+    Raises:
+        ConfigError: the folder holds a run and neither flag is given.
+    """
+    found = [n for n in OUTPUTS if (out / n).exists()] + [p.name for p in
+                                                           out.glob("accuracy_matrix_*")]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(sorted(found)[:4])}"
+                          "); pass --resume to continue it or --overwrite to replace it")
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-class _FamilyContext:
-    """What one family run needs between tasks: its module, replay buffer, routers and metrics."""
+def run_continual(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run a whole continual benchmark and write its results (rank 0); returns the results.
 
-    def __init__(self, runner: ContinualRunner, family: str, names: list[str],
-                 module: MoELoRAModule, heads: TaskHeads, state: FamilyState):
-        self.r, self.family, self.names = runner, family, names
-        self.module, self.heads, self.state = module, heads, state
-        cfg = runner.cfg
-        self.bank = runner.bank
-        self.nt = len(runner.tasks)
-        self.rows: dict[str, dict[str, AccuracyMatrix]] = {}
-        needs_replay = family == "replay" or "experts-mole" in names
-        self.replay = state.replay_buffer(cfg.strategies.replay.size, cfg.train.seed, needs_replay)
-        needs_index = any(n in names for n in ("experts-retrieval", "experts-confidence"))
-        self.retrieval = state.retrieval_router(self.bank, cfg, LookupEncoder(runner.table),
-                                                self._dim()) if needs_index else None
-        self.pool = Examples.concat([pt.train for pt in runner.tasks])
-        self.offsets = np.cumsum([0] + [len(pt.train) for pt in runner.tasks]).tolist()
-
-    def _dim(self) -> int:
-        return len(next(iter(self.r.table.values())))
-
-    # ------------------------------------------------------------------ learn
-    def learn(self, t: int) -> None:
-        """Train task ``t`` (all tasks at once for joint) and update memory and gates."""
-        m, bank, tasks = self.module, self.bank, self.r.tasks
-        m.olora_new, m.olora_previous = None, []
-        bank.detach_gates()
-        if self.family == "joint":
-            train = Examples.concat([pt.train for pt in tasks])
-            val = Examples.concat([pt.val for pt in tasks])
-            classes = list(range(self.r.n_classes))
-        else:
-            train, val, classes = tasks[t].train, tasks[t].val, list(tasks[t].task.class_ids)
-        if self.family != "experts":  # one shared head over every class keeps training
-            for h in range(len(self.heads)):
-                self.heads.set_trainable(h, True)
-        if self.family in ("naive", "replay", "joint"):
-            bank.unfreeze("shared")
-            m.train_routing, m.active = "single", 0
-            if self.family == "replay" and self.replay is not None and len(self.replay):
-                train = Examples.concat([train, self._replayed()])
-                classes = sorted(set(classes) | set(self._replayed().labels.tolist()))
-        elif self.family == "olora":
-            bank.freeze()
-            e = bank.add_expert(f"task{t}", self.r.expert_cfg, task=t)
-            m.train_routing, m.active = "sum", e
-            m.olora_new, m.olora_previous = e, list(range(e))
-        else:  # experts
-            bank.freeze()
-            for h in range(len(self.heads)):
-                self.heads.set_trainable(h, False)
-            e = bank.add_expert(f"task{t}", self.r.expert_cfg, task=t)
-            self.heads.add(tasks[t].task.class_ids)
-            m.train_routing, m.active = "single", e
-        m.train_classes = class_mask(self.r.n_classes, classes)
-        seed = self.r.cfg.train.seed * 1000 + t
-        self.r.fit(m, train, val, f"{self.family}/task{t}", seed)
-        self._after_task(t)
-
-    def _replayed(self) -> Examples:
-        assert self.replay is not None
-        ds = self.replay.as_dataset()
-        return self.pool.select([int(ds[i]["pos"][0]) for i in range(len(ds))])
-
-    def _after_task(self, t: int) -> None:
-        if self.family == "joint":
-            return
-        pt = self.r.tasks[t]
-        if self.replay is not None:
-            pos = torch.arange(self.offsets[t], self.offsets[t + 1])[:, None]
-            self.replay.add(pt.train.labels, t, pos=pos)
-        if self.retrieval is not None:
-            keys = pt.train.keys[: self.r.cfg.strategies.retrieval.keys_per_task]
-            self.retrieval.index_expert(f"task{t}", keys)
-        if "experts-mole" in self.names:
-            self.state.mole_router = self._train_mole(t)
-
-    def _train_mole(self, t: int) -> Any:
-        from moe_lora.routers import MoLEConfig, MoLERouter
-
-        router = MoLERouter(MoLEConfig(), self.bank).attach()  # gates sized for every expert
-        cfg = self.r.cfg
-        opt = torch.optim.Adam(router.parameters(), lr=cfg.strategies.mole.lr)
-        seen = class_mask(self.r.n_classes, self.r.stream.seen_class_ids(t))
-        data = self._replayed()
-        for epoch in range(cfg.strategies.mole.epochs):
-            for batch in loader(data, self.r.backbone, cfg.train.batch_size, True,
-                                seed=cfg.train.seed * 1000 + 100 * t + epoch):
-                routing = router.routing(RouterInput(attention_mask=batch.get("attention_mask")))
-                logits = self.module.logits(batch, routing).masked_fill(~seen, float("-inf"))
-                loss = F.cross_entropy(logits, batch["labels"])
-                loss = loss + cfg.train.aux_coef * self.bank.pop_aux_loss()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        for p in router.parameters():
-            p.requires_grad_(False)
-        return router
-
-    # ------------------------------------------------------------------ evaluate
-    def evaluate(self, t: int) -> None:
-        """Fill row ``t`` of every strategy's accuracy matrices (row T-1 for joint)."""
-        row = self.nt - 1 if self.family == "joint" else t
-        seen_t = self.nt - 1 if self.family == "joint" else t
-        seen = class_mask(self.r.n_classes, self.r.stream.seen_class_ids(seen_t))
-        rank, world = _rank_world()
-        routers: dict[str, RouterAccuracy] = {n: RouterAccuracy() for n in self.names}
-        self.rows = {n: {s: AccuracyMatrix(self.nt) for s in ("agnostic", "aware")}
-                     for n in self.names}
-        # seen tasks, plus the next one where FWT can use it (task-aware, shared head)
-        upto = t + 1 if self.family == "experts" else min(row + 2, self.nt)
-        eval_tasks = range(upto)
-        for j in eval_tasks:
-            pt = self.r.tasks[j]
-            test = pt.test.select(range(rank, len(pt.test), world))
-            if self.family == "experts":
-                self._eval_experts(row, j, pt, test, seen, routers)
-            else:
-                self._eval_shared(row, j, pt, test, seen)
-        for n in self.names:  # compute() sums the counts of every process
-            for setting, metric in self.rows[n].items():
-                if metric.update_called:
-                    self.state.matrix(n, setting, self.nt)[row] = metric.compute()[row].tolist()
-            acc = routers[n].compute() if routers[n].update_called else None
-            self.state.router.setdefault(n, []).append(None if acc is None else float(acc))
-
-    def _eval_shared(self, row: int, j: int, pt: PreparedTask, test: Examples,
-                     seen: torch.Tensor) -> None:
-        mode = "sum" if self.family == "olora" else "single"
-        task_cls = class_mask(self.r.n_classes, pt.task.class_ids)
-        aware, agnostic = predict_shared(self.module, test, task_cls, seen, mode)
-        metrics = self.rows[self.names[0]]
-        metrics["aware"].update(row, j, aware, test.labels)
-        if j <= row:
-            metrics["agnostic"].update(row, j, agnostic, test.labels)
-
-    def _expert_classes(self) -> torch.Tensor:
-        return torch.stack([class_mask(self.r.n_classes, ids) for ids in self.heads.class_ids])
-
-    def _eval_experts(self, row: int, j: int, pt: PreparedTask, test: Examples,
-                      seen: torch.Tensor, routers: dict[str, RouterAccuracy]) -> None:
-        from moe_lora.routers import TaskRouter, TaskRouterConfig
-
-        ec = self._expert_classes()
-        by_task = TaskRouter(TaskRouterConfig(), self.bank)
-        retr = self.retrieval
-        for name in self.names:
-            if name == "experts-taskid":
-                preds, routed = predict_routed(
-                    self.module, test,
-                    lambda b, k: by_task.routing(RouterInput(task_ids=b["tasks"])), ec)
-            elif name == "experts-retrieval":
-                assert retr is not None
-                preds, routed = predict_routed(
-                    self.module, test, lambda b, k: retr.routing(RouterInput(texts=k)), ec)
-            elif name == "experts-confidence":
-                rc = self.r.cfg.strategies.retrieval
-                preds, routed, _ = predict_confidence(self.module, test, ec, self._prior,
-                                                      rc.prior_weight)
-            else:
-                preds, routed = predict_gated(self.module, test, self.state.mole_router, seen)
-            self.rows[name]["agnostic"].update(row, j, preds, test.labels)
-            routers[name].update(routed, test.tasks)
-
-    def _prior(self, keys: list[str]) -> np.ndarray:
-        """Retrieval prior over the bank's experts ``[N, E]`` (vote shares or softmax scores)."""
-        assert self.retrieval is not None and self.retrieval.index is not None
-        q = np.stack([self.r.table[k] for k in keys])
-        n_exp = len(self.bank)
-        ids, scores = self.retrieval.index.search(q, n_exp)
-        rc = self.r.cfg.strategies.retrieval
-        if rc.mode == "centroid":
-            scores = np.exp((scores - scores.max(1, keepdims=True)) / rc.temperature)
-        out = np.zeros((len(keys), n_exp), dtype=np.float32)
-        names = self.retrieval.names
-        for i in range(len(keys)):
-            for eid, s in zip(ids[i], scores[i], strict=True):
-                if eid >= 0:
-                    out[i, self.bank.index(names[int(eid)])] = s
-        return out / np.clip(out.sum(1, keepdims=True), 1e-12, None)
-
-    # ------------------------------------------------------------------ results
-    def entries(self) -> dict[str, Any]:
-        """results.json entries of this family's strategies."""
-        out = {}
-        base = self.state.baseline
-        joint = self.family == "joint"
-        for name in self.names:
-            routed = self.state.router.get(name, [])
-            r = torch.tensor(self.state.matrix(name, "agnostic", self.nt), dtype=torch.float64)
-            entry = _summary(r, None, joint)  # experts-taskid fills this one matrix, task-aware
-            entry |= {"setting": SETTING[name], "router_accuracy": routed[-1] if routed else None,
-                      "router_accuracy_per_task": routed,
-                      "train_seconds": self.state.train_seconds, "family": self.family}
-            if self.family != "experts":
-                aware = torch.tensor(self.state.matrix(name, "aware", self.nt), dtype=torch.float64)
-                entry["task_aware"] = _summary(aware, base, joint)
-            out[name] = entry
-        return out
-
-
-def _summary(r: torch.Tensor, baseline: list[float] | None, joint: bool) -> dict[str, Any]:
-    """Matrix (nan as None) and the scalar metrics."""
-    if joint:
-        last = r[-1:]
-        return {"accuracy_matrix": _json_matrix(last), "average_accuracy": float(last.nanmean()),
-                "forgetting": 0.0, "bwt": 0.0, "fwt": None}
-    return {
-        "accuracy_matrix": _json_matrix(r),
-        "average_accuracy": average_accuracy(r),
-        "forgetting": forgetting(r),
-        "bwt": backward_transfer(r),
-        "fwt": forward_transfer(r, baseline),
-    }
-
-
-def _json_matrix(r: torch.Tensor) -> list[list[float | None]]:
-    return [[None if v != v else float(v) for v in row] for row in r.tolist()]
-
-
-def run_continual(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Run a whole continual benchmark and write its results (rank 0); returns the results."""
+    Raises:
+        ConfigError: the output folder holds another run (see :func:`prepare_output`), or a
+            resume with a config that changes results.
+    """
     from moe_lora.continual.results import write_results
 
     t0 = time.perf_counter()
-    if resume:  # refuse a different config before any model loads
-        check_resume_config(Path(cfg.output.dir) / "checkpoints", to_dict(cfg))
-    runner = ContinualRunner(cfg, resume=resume)
-    results = runner.run()
-    results["wall_seconds"] = time.perf_counter() - t0
+    out = Path(cfg.output.dir)
     if is_rank_zero():
-        write_results(results, Path(cfg.output.dir), plots=cfg.output.plots)
+        prepare_output(out, resume, overwrite)
+    if resume:  # refuse a different config before any model loads
+        check_resume(out / "checkpoints", to_dict(cfg))
+    runner = ContinualRunner(cfg, resume=resume, progress=progress)
+    results = runner.run()
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if is_rank_zero():
+        write_results(results, out, plots=cfg.output.plots)
     return results

@@ -2,6 +2,8 @@
 
 A YAML file maps onto :class:`RunConfig` (sections ``model``, ``data``, ``train``, ``strategies``,
 ``output``) plus an optional ``profiles:`` block of named partial overrides (``--profile quick``).
+``strategies`` holds ``run`` (the result names to produce) and one section per registered strategy,
+typed by that strategy's own options dataclass (:mod:`moe_lora.continual.registry`).
 :func:`load_config` merges, in order: the dataclass defaults, the YAML, the chosen profile, then
 ``key=value`` overrides from the command line. An unknown key, a wrong type or a value out of range
 fails there, before any model or data is loaded, with a :class:`ConfigError` naming the key.
@@ -9,53 +11,61 @@ fails there, before any model or data is loaded, with a :class:`ConfigError` nam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moe_lora.continual import registry
+
 __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
-    "MoLEConfig",
-    "OLoRAConfig",
     "OutputConfig",
-    "ReplayConfig",
-    "RetrievalConfig",
     "RunConfig",
-    "STRATEGY_NAMES",
     "StrategiesConfig",
     "TrainConfig",
+    "check",
+    "check_finite",
     "config_from_dict",
     "load_config",
     "to_dict",
 ]
 
-STRATEGY_NAMES = (
-    "joint",
-    "naive",
-    "replay",
-    "olora",
-    "experts-taskid",
-    "experts-retrieval",
-    "experts-confidence",
-    "experts-mole",
-)
 BENCHMARKS = ("split-wordnet", "split-digits", "file")
 LOGGERS = ("csv", "tensorboard")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+TRAINER_STRATEGIES = ("auto", "ddp", "ddp_spawn")
+DEFAULT_RUN = ("joint", "naive", "replay", "olora", "experts-taskid",
+               "experts-retrieval", "experts-confidence", "experts-mole")
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an invalid value (names the key)."""
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise :class:`ConfigError` ``"<key>: <msg>"`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_finite(obj: Any, section: str) -> None:
+    """Every float field of dataclass ``obj`` is finite (names the first that is not).
+
+    Raises:
+        ConfigError: ``<section>.<field>: must be finite, got nan``.
+    """
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float):
+            check(math.isfinite(v), f"{section}.{f.name}", f"must be finite, got {v}")
 
 
 @dataclass
@@ -84,10 +94,15 @@ class ModelConfig:
     mlp_depth: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.lora_layers >= 0, "model.lora_layers", "must be >= 0")
-        _check(self.rank >= 1, "model.rank", "must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.max_length >= 4, "model.max_length", "must be >= 4")
+        check_finite(self, "model")
+        check(bool(self.name.strip()), "model.name", "must not be empty")
+        check(self.lora_layers >= 0, "model.lora_layers", "must be >= 0")
+        check(self.rank >= 1, "model.rank", "must be >= 1")
+        check(self.alpha > 0, "model.alpha", "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        check(self.max_length >= 4, "model.max_length", "must be >= 4")
+        check(self.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")
+        check(self.mlp_depth >= 1, "model.mlp_depth", "must be >= 1")
 
 
 @dataclass
@@ -97,7 +112,7 @@ class DataConfig:
     Attributes:
         benchmark: ``split-wordnet``, ``split-digits`` or ``file`` (a JSONL/CSV at ``path``).
         path: the data file for ``file``.
-        n_tasks, classes_per_task: stream shape (WordNet and digits).
+        n_tasks, classes_per_task: stream shape (WordNet and digits; a file brings its own).
         train_per_class, val_per_class, test_per_class, min_count: WordNet split sizes.
         seed: fixes the drawn classes and splits.
     """
@@ -113,33 +128,41 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.benchmark in BENCHMARKS, "data.benchmark", f"must be one of {BENCHMARKS}")
-        _check(
-            self.benchmark != "file" or bool(self.path), "data.path", "is required for 'file'"
-        )
-        _check(self.benchmark != "file" or Path(str(self.path)).is_file(), "data.path",
-               f"data file {self.path!r} not found")
+        check(self.benchmark in BENCHMARKS, "data.benchmark", f"must be one of {BENCHMARKS}")
+        check(self.benchmark != "file" or bool(self.path), "data.path", "is required for 'file'")
+        check(self.benchmark != "file" or Path(str(self.path)).is_file(), "data.path",
+              f"data file {self.path!r} not found")
+        for key in ("n_tasks", "classes_per_task", "train_per_class", "test_per_class"):
+            check(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
+        check(self.val_per_class >= 0, "data.val_per_class", "must be >= 0")
+        check(self.min_count >= 1, "data.min_count", "must be >= 1")
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and execution.
+    """Optimisation and execution (one source of truth: the Lightning module reads this object).
 
     Attributes:
         epochs: epochs per task (the joint strategy trains this many epochs on all tasks at once).
         batch_size: global training batch size (each of N processes takes 1/N of every batch).
         lr: learning rate of the LoRA ``A`` factors and the heads.
         lora_plus_ratio: LoRA+ (arXiv 2402.12354): ``B``'s learning rate is ``ratio * lr``.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (>= 0).
         aux_coef: weight of routers' auxiliary losses.
         seed: global seed.
         threads: torch intra-op threads (0 leaves torch's default).
-        accelerator, devices, strategy: passed to ``lightning.Trainer`` (``ddp``/``ddp_spawn`` for
-            several processes; gloo on CPU).
-        progress_bar: show Lightning's progress bar.
+        accelerator: ``auto`` (a GPU when present), ``cpu``, ``gpu``/``cuda``.
+        devices: processes per node (``ddp``/``ddp_spawn`` for several; gloo on CPU, NCCL on GPUs).
+        num_nodes: machines (Lightning's multi-node launch).
+        strategy: ``auto``, ``ddp`` or ``ddp_spawn``, passed to ``lightning.Trainer``.
+        precision: ``32``, ``bf16-mixed`` or ``16-mixed``.
+        progress_bar: show progress (the run's overall bar; Lightning's own with ``--verbose``).
         eval_batch_size: batch size of evaluation passes.
         loggers: Lightning loggers of every fit, under ``output.dir/logs``: ``csv`` and/or
             ``tensorboard`` (used only when the ``tensorboard`` package is importable).
+        on_nonfinite: a non-finite loss or gradient ``stop``s the run with an error naming the
+            strategy, task and step (the last completed task's checkpoint stays), or the batch is
+            skipped (``skip_batch``).
     """
 
     epochs: int = 3
@@ -150,89 +173,52 @@ class TrainConfig:
     aux_coef: float = 0.01
     seed: int = 0
     threads: int = 2
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     strategy: str = "auto"
+    precision: str = "32"
     progress_bar: bool = True
     eval_batch_size: int = 256
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
+        check_finite(self, "train")
         bad = [x for x in self.loggers if x not in LOGGERS]
-        _check(not bad, "train.loggers", f"unknown {bad}; choose from {list(LOGGERS)}")
-        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.lora_plus_ratio > 0, "train.lora_plus_ratio", "must be > 0")
-        _check(self.devices >= 1, "train.devices", "must be >= 1")
-        _check(self.threads >= 0, "train.threads", "must be >= 0")
-
-
-@dataclass
-class ReplayConfig:
-    """Replay buffer (``replay`` and ``experts-mole``): ``size`` examples, class-balanced."""
-
-    size: int = 500
-
-    def __post_init__(self) -> None:
-        _check(self.size >= 1, "strategies.replay.size", "must be >= 1")
-
-
-@dataclass
-class OLoRAConfig:
-    """O-LoRA (arXiv 2310.14152) loss weights: orthogonality ``lambda1``, L2 ``lambda2``."""
-
-    lambda1: float = 0.5
-    lambda2: float = 0.0
-
-
-@dataclass
-class RetrievalConfig:
-    """Retrieval routing keys (LoRARetriever, arXiv 2402.09997) in the memory's ``ExpertIndex``.
-
-    Attributes:
-        mode: ``centroid`` (one mean key per expert) or ``exemplar`` (kNN vote over keys).
-        keys_per_task: training inputs indexed per task.
-        n_neighbors: kNN size in exemplar mode.
-        temperature: vote temperature in exemplar mode.
-        prior_weight: ``experts-confidence`` adds ``prior_weight * log(retrieval score)`` to each
-            expert's confidence (0: confidence alone).
-    """
-
-    mode: str = "exemplar"
-    keys_per_task: int = 200
-    n_neighbors: int = 10
-    temperature: float = 0.05
-    prior_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check(self.mode in ("centroid", "exemplar"), "strategies.retrieval.mode",
-               "must be 'centroid' or 'exemplar'")
-        _check(self.keys_per_task >= 1, "strategies.retrieval.keys_per_task", "must be >= 1")
-
-
-@dataclass
-class MoLEConfig:
-    """MoLE gate (arXiv 2404.13628) trained on replayed exemplars after each task."""
-
-    epochs: int = 3
-    lr: float = 1e-2
+        check(not bad, "train.loggers", f"unknown {bad}; choose from {list(LOGGERS)}")
+        for key in ("epochs", "batch_size", "devices", "num_nodes", "eval_batch_size"):
+            check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        check(self.lr > 0, "train.lr", "must be > 0")
+        check(self.lora_plus_ratio > 0, "train.lora_plus_ratio", "must be > 0")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(self.aux_coef >= 0, "train.aux_coef", "must be >= 0")
+        check(self.threads >= 0, "train.threads", "must be >= 0")
+        check(self.accelerator in ACCELERATORS, "train.accelerator",
+              f"must be one of {ACCELERATORS}")
+        check(self.strategy in TRAINER_STRATEGIES, "train.strategy",
+              f"must be one of {TRAINER_STRATEGIES}")
+        check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        check(self.on_nonfinite in ("stop", "skip_batch"), "train.on_nonfinite",
+              "must be 'stop' or 'skip_batch'")
+        check(self.devices * self.num_nodes == 1 or self.strategy != "auto", "train.strategy",
+              "must be 'ddp' or 'ddp_spawn' when train.devices * train.num_nodes > 1")
 
 
 @dataclass
 class StrategiesConfig:
-    """Which strategies run, and their knobs."""
+    """Which results to produce (``run``); :func:`load_config` adds one typed section per
+    registered strategy (``strategies.replay.size``, ``strategies.experts.mole.epochs``, ...)."""
 
-    run: list[str] = field(default_factory=lambda: list(STRATEGY_NAMES))
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    olora: OLoRAConfig = field(default_factory=OLoRAConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    mole: MoLEConfig = field(default_factory=MoLEConfig)
+    run: list[str] = field(default_factory=lambda: list(DEFAULT_RUN))
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.run if s not in STRATEGY_NAMES]
-        _check(not bad, "strategies.run", f"unknown {bad}; choose from {list(STRATEGY_NAMES)}")
-        _check(bool(self.run), "strategies.run", "must name at least one strategy")
+        check(bool(self.run), "strategies.run", "must name at least one strategy")
+        known = registry.result_names()
+        bad = [s for s in self.run if s not in known]
+        check(not bad, "strategies.run", f"unknown {bad}; choose from {known}")
+        dup = sorted({s for s in self.run if self.run.count(s) > 1})
+        check(not dup, "strategies.run", f"names {dup} more than once")
 
 
 @dataclass
@@ -252,6 +238,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        check(self.model.name != "mlp" or self.data.benchmark == "split-digits", "model.name",
+              "'mlp' takes feature vectors: use it with data.benchmark=split-digits")
+
+
+def _schema() -> Any:
+    """The structured-config schema: :class:`RunConfig` whose ``strategies`` has a typed section
+    per registered strategy (built from the registry, so a new strategy needs no edit here)."""
+    sections = [(spec.name, spec.options, field(default_factory=spec.options))
+                for spec in registry.specs() if spec.options is not None]
+    strategies = make_dataclass("StrategiesConfig", sections, bases=(StrategiesConfig,))
+    return OmegaConf.structured(RunConfig(strategies=strategies()))
 
 
 def _wrap_error(err: Exception, where: str) -> ConfigError:
@@ -276,7 +275,7 @@ def load_config(
         ConfigError: unknown key, wrong type, bad value or unknown profile (names the key).
         FileNotFoundError: ``path`` does not exist.
     """
-    schema = OmegaConf.structured(RunConfig)
+    schema = _schema()
     layers: list[tuple[str, Any]] = []
     if path is not None:
         if not Path(path).is_file():
@@ -305,7 +304,7 @@ def config_from_dict(saved: dict[str, Any], overrides: Sequence[str] = ()) -> Ru
     Raises:
         ConfigError: as :func:`load_config`.
     """
-    return _merge(OmegaConf.structured(RunConfig), [
+    return _merge(_schema(), [
         ("saved config", OmegaConf.create(saved)),
         ("overrides", OmegaConf.from_dotlist(list(overrides))),
     ])

@@ -34,6 +34,16 @@ __all__ = [
 ]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+"""The process umask at import: files written here get mode ``0o666 & ~UMASK``."""
+
+
 class CorruptFileError(RuntimeError):
     """A file exists but cannot be trusted: truncated, unparsable or failing its checksum."""
 
@@ -52,6 +62,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; outputs honour the umask
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

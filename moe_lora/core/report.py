@@ -10,6 +10,7 @@ import csv
 import io
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,6 +23,7 @@ __all__ = [
     "plot_accuracy_matrix",
     "plot_routing_weights",
     "plot_strategy_comparison",
+    "plot_strategy_panels",
     "write_accuracy_matrix_csv",
     "write_routing_weights_csv",
 ]
@@ -74,12 +76,18 @@ def plot_accuracy_matrix(
     r: Tensor | Sequence[Sequence[float]],
     title: str = "Accuracy matrix",
     task_names: Sequence[str] | None = None,
+    caption: str | None = None,
 ) -> None:
-    """Save ``R [T, T]`` as a PNG heatmap with each cell's value printed (blank where ``nan``)."""
+    """Save ``R [T, T]`` as a PNG heatmap with each cell's value printed (blank where ``nan``).
+
+    ``task_names`` label the axes (default ``T1..Tn``); ``caption`` is printed below the plot
+    (e.g. each task's classes).
+    """
     m = _matrix(r)
-    names = list(task_names) if task_names is not None else [str(j) for j in range(m.shape[1])]
+    names = list(task_names) if task_names is not None else [f"T{j + 1}" for j in range(m.shape[1])]
     size = 1.5 + 0.6 * m.shape[1]
-    fig = Figure(figsize=(size, size))
+    lines = caption.count("\n") + 1 if caption else 0
+    fig = Figure(figsize=(max(size, 6.0 if caption else size), size + 0.18 * lines))
     ax = fig.add_subplot()
     image = ax.imshow(m.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
     for i, row in enumerate(m.tolist()):
@@ -93,6 +101,9 @@ def plot_accuracy_matrix(
     ax.set_ylabel("after training task")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=6, va="bottom", ha="left", family="monospace")
+        fig.subplots_adjust(bottom=0.18 + 0.03 * lines)
     _save(fig, path)
 
 
@@ -111,12 +122,40 @@ def plot_strategy_comparison(
     Raises:
         ValueError: ``results`` or ``metrics`` is empty.
     """
-    if not results or not metrics:
-        raise ValueError("plot_strategy_comparison needs at least one strategy and one metric")
+    plot_strategy_panels(path, {title: results}, metrics)
+
+
+def plot_strategy_panels(
+    path: PathLike,
+    panels: Mapping[str, Mapping[str, Mapping[str, float | None]]],
+    metrics: Sequence[str] = DEFAULT_BAR_METRICS,
+) -> None:
+    """Save one grouped bar chart per panel, side by side (e.g. task-agnostic | task-aware).
+
+    Args:
+        panels: panel title -> strategy name -> {metric name -> value}; empty panels are skipped.
+        metrics: which metrics to draw (``None`` values are skipped).
+
+    Raises:
+        ValueError: no panel has a strategy, or ``metrics`` is empty.
+    """
+    kept = {t: r for t, r in panels.items() if r}
+    if not kept or not metrics:
+        raise ValueError("plot_strategy_panels needs at least one strategy and one metric")
+    widths = [len(r) for r in kept.values()]
+    fig = Figure(figsize=(2.5 + 1.1 * sum(widths), 4.5))
+    axes = fig.subplots(1, len(kept), squeeze=False, width_ratios=widths)[0]
+    for ax, (title, results) in zip(axes, kept.items(), strict=True):
+        _bars(ax, results, metrics)
+        ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _bars(ax: Any, results: Mapping[str, Mapping[str, float | None]],
+          metrics: Sequence[str]) -> None:
     names = list(results)
     width = 0.8 / len(metrics)
-    fig = Figure(figsize=(2.0 + 1.2 * len(names), 4.0))
-    ax = fig.add_subplot()
     for k, metric in enumerate(metrics):
         xs = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(names))]
         ys = [results[n].get(metric) for n in names]
@@ -124,9 +163,8 @@ def plot_strategy_comparison(
         ax.bar([x for x, _ in kept], [y for _, y in kept], width=width, label=metric)
     ax.axhline(0.0, color="k", linewidth=0.5)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
+    ax.legend(fontsize=7)
 
 
 def _routing_checked(
