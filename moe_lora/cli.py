@@ -82,8 +82,6 @@ def cmd_continual(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, args.profile)
     from moe_lora.continual.runner import is_rank_zero, run_continual
 
-    log.info("%s: %d tasks, %s -> %s", cfg.data.benchmark, cfg.data.n_tasks,
-             ", ".join(cfg.strategies.run), cfg.output.dir)
     run_continual(cfg, resume=args.resume, overwrite=args.overwrite)
     if is_rank_zero():
         log.info("results written to %s", cfg.output.dir)
@@ -140,23 +138,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a bank folder or a run folder."""
     path = Path(args.path)
-    if (path / "manifest.json").is_file() or (path / "CURRENT").is_file():
-        from moe_lora.core.storage import read_manifest
+    if (path / "CURRENT").is_file() and not (path / "manifest.json").is_file():
+        from moe_lora.core.commit import read_version
 
-        m = read_manifest(path)
-        print(f"bank of base {m['base']['id']!r}: {len(m['layers'])} LoRA layers")
-        for e in m["experts"]:
-            print(f"  {e['name']}: task={e['task']} rank={e['config']['rank']}")
-        return 0
+        with read_version(path) as where:  # a committed folder: a strategy's checkpoint
+            return _info_bank(where / "bank" if (where / "bank").is_dir() else where)
+    if (path / "manifest.json").is_file():
+        return _info_bank(path)
     if (path / "results.json").is_file():
+        from moe_lora.continual.checkpoint import checkpoint_progress
         from moe_lora.continual.results import format_table
 
         results = read_json(path / "results.json")
         print(f"run of {results['benchmark']}: tasks {results.get('tasks')}")
         print(format_table(results))
+        for name, done in checkpoint_progress(path / "checkpoints").items():
+            print(f"  checkpoint {name}: {done} step{'' if done == 1 else 's'} done")
         return 0
     raise FileNotFoundError(f"{path}: neither a bank folder (manifest.json) nor a run folder "
                             "(results.json)")
+
+
+def _info_bank(path: Path) -> int:
+    from moe_lora.core.storage import read_manifest
+
+    m = read_manifest(path)
+    print(f"bank of base {m['base']['id']!r}: {len(m['layers'])} LoRA layers")
+    for e in m["experts"]:
+        print(f"  {e['name']}: task={e['task']} rank={e['config']['rank']}")
+    return 0
 
 
 HANDLERS = {"continual": cmd_continual, "evaluate": cmd_evaluate, "route": cmd_route,

@@ -51,3 +51,24 @@ def smollm2(_smollm2_session):
     """A fresh copy of the real SmolLM2-135M (Llama) and its tokenizer."""
     model, tok = _smollm2_session
     return copy.deepcopy(model), tok
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the device tests (tests/test_device.py) also run: cuda adds the "
+                          "CUDA variants to the CPU ones (they skip with a reason when no GPU)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking ``device`` run on the CPU always, and on CUDA with ``--device cuda``."""
+    if "device" in metafunc.fixturenames:
+        wanted = ["cpu"] + (["cuda"] if metafunc.config.getoption("device") == "cuda" else [])
+        metafunc.parametrize("device", wanted, indirect=True)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """``torch.device`` of this variant; the CUDA variant skips when no GPU is present."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(request.param)

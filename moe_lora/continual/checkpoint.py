@@ -33,8 +33,8 @@ from moe_lora.core.bank import ExpertBank
 from moe_lora.core.commit import is_committed, read_version, write_version
 from moe_lora.core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
-__all__ = ["RESUMABLE_KEYS", "config_change", "load_checkpoint", "save_checkpoint",
-           "saved_config", "split_state"]
+__all__ = ["RESUMABLE_KEYS", "checkpoint_progress", "config_change", "load_checkpoint",
+           "save_checkpoint", "saved_config", "split_state"]
 
 RESUMABLE_KEYS = ("output.", "train.progress_bar", "train.threads", "train.loggers",
                   "train.eval_batch_size", "strategies.run")
@@ -158,6 +158,17 @@ def check_resume(root: Path, config: dict[str, Any]) -> None:
                 what = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
                                  for k in diff)
                 raise ConfigError(f"cannot resume {root / strategy}: the config differs ({what})")
+
+
+def checkpoint_progress(root: Path) -> dict[str, int]:
+    """Steps completed by each strategy with a committed checkpoint under ``root``
+    (``<run>/checkpoints``; every file checked against its manifest).
+
+    Raises:
+        CorruptFileError: a checkpoint file fails its checksum.
+    """
+    with _saved_states(Path(root)) as states:
+        return {name: int(meta["record"]["completed"]) for name, meta in states.items()}
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:

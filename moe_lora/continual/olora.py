@@ -29,10 +29,11 @@ def orthogonality(bank: ExpertBank, new: int, previous: list[int]) -> Tensor:
 
     Zero (with a gradient path) when ``previous`` is empty.
     """
+    device = next(iter(bank.layers.values())).base.weight.device
     if not previous:
-        return torch.zeros(())
-    prev_ids = torch.tensor(previous, dtype=torch.long)
-    total = torch.zeros(())
+        return torch.zeros((), device=device)
+    prev_ids = torch.tensor(previous, dtype=torch.long, device=device)
+    total = torch.zeros((), device=device)
     for layer in bank.layers.values():
         a_prev, _ = layer.stacked(prev_ids)  # [U, R, in], frozen: cached stack
         a_new = layer.experts[new].lora_A  # [r, in]

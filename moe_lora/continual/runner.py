@@ -36,37 +36,16 @@ from moe_lora.continual.record import StepMetrics, StrategyRecord
 from moe_lora.continual.settings import ConfigError, RunConfig, to_dict
 from moe_lora.continual.strategies.base import RunContext, Strategy
 from moe_lora.core.bank import ExpertBank
-from moe_lora.data import (
-    DigitsStreamConfig,
-    FileStreamConfig,
-    TaskStream,
-    WordNetStreamConfig,
-    build_stream,
-)
+from moe_lora.data import TaskStream, build_stream
 from moe_lora.models.backbones import Backbone, EncoderBackbone, MLPBackbone
 
 __all__ = ["ContinualRunner", "OUTPUTS", "build_backbone", "build_loggers", "is_rank_zero",
-           "prepare_output", "resolve_device", "run_continual", "stream_config"]
+           "prepare_output", "resolve_device", "run_continual"]
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("results.json", "evaluation.json", "strategies.png", "checkpoints", "logs")
 """What a run writes into its output folder (besides ``accuracy_matrix_*`` files)."""
-
-
-def stream_config(cfg: RunConfig) -> WordNetStreamConfig | DigitsStreamConfig | FileStreamConfig:
-    """The data package's stream config for ``cfg.data``."""
-    d = cfg.data
-    if d.benchmark == "split-wordnet":
-        return WordNetStreamConfig(n_tasks=d.n_tasks, classes_per_task=d.classes_per_task,
-                                   min_count=d.min_count, train_per_class=d.train_per_class,
-                                   val_per_class=d.val_per_class, test_per_class=d.test_per_class,
-                                   seed=d.seed)
-    if d.benchmark == "split-digits":
-        return DigitsStreamConfig(n_tasks=d.n_tasks, classes_per_task=d.classes_per_task,
-                                  seed=d.seed)
-    assert d.path is not None
-    return FileStreamConfig(d.path, seed=d.seed)
 
 
 def build_backbone(cfg: RunConfig, stream: TaskStream) -> Backbone:
@@ -148,7 +127,7 @@ class ContinualRunner:
         self.device = resolve_device(cfg.train.accelerator)
         self.show = progress and cfg.train.progress_bar and is_rank_zero()
         t0 = time.perf_counter()
-        self.stream = build_stream(stream_config(cfg))
+        self.stream = build_stream(cfg.data.stream())
         backbone = build_backbone(cfg, self.stream)
         targets = backbone.lora_targets(cfg.model.targets)
         bank = ExpertBank(backbone.model, targets=targets, base_id=cfg.model.name)
@@ -329,6 +308,9 @@ def run_continual(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         prepare_output(out, resume, overwrite)
     if resume:  # refuse a different config before any model loads
         check_resume(out / "checkpoints", to_dict(cfg))
+    if is_rank_zero():  # announced once the folder is accepted: a refusal is one line
+        log.info("%s: %d tasks, %s -> %s", cfg.data.benchmark, cfg.data.n_tasks,
+                 ", ".join(cfg.strategies.run), out)
     runner = ContinualRunner(cfg, resume=resume, progress=progress)
     results = runner.run()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)

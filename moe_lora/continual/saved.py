@@ -18,7 +18,7 @@ from moe_lora.continual import registry
 from moe_lora.continual.checkpoint import saved_config
 from moe_lora.continual.module import TaskHeads
 from moe_lora.continual.record import StrategyRecord
-from moe_lora.continual.runner import ContinualRunner, build_backbone, stream_config
+from moe_lora.continual.runner import ContinualRunner, build_backbone
 from moe_lora.continual.settings import RunConfig, config_from_dict
 from moe_lora.continual.strategies.keys import KeyIndex
 from moe_lora.core.bank import ExpertBank
@@ -96,7 +96,7 @@ def open_saved(run_dir: str | Path, strategy: str = "experts") -> SavedRun:
     folder = run_dir / "checkpoints" / strategy
     if not is_committed(folder):
         raise FileNotFoundError(f"{folder}: no completed checkpoint of strategy {strategy!r}")
-    stream = build_stream(stream_config(cfg))
+    stream = build_stream(cfg.data.stream())
     backbone = build_backbone(cfg, stream)
     bank = ExpertBank(backbone.model, targets=backbone.lora_targets(cfg.model.targets),
                       base_id=cfg.model.name)
@@ -146,19 +146,22 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
         step = saved.completed - 1
         runner.evaluate_step(strategy, fresh, step)
         for result, entry in fresh.entries(spec, None, strategy.row(step)).items():
-            out[result] = _evaluation_entry(entry, strategy.row(step), saved.completed)
+            out[result] = _evaluation_entry(entry, fresh.matrices.get(result, {}),
+                                            strategy.row(step), saved.completed)
     return {"run_dir": str(run_dir), "benchmark": runner.stream.benchmark,
             "tasks": [t.name for t in runner.stream], "strategies": out}
 
 
-def _evaluation_entry(entry: dict[str, Any], row: int, completed: int) -> dict[str, Any]:
-    def per_task(x: dict[str, Any]) -> dict[str, Any]:
-        acc = x["accuracy_matrix"][row]
-        seen = [a for a in acc[: row + 1] if a is not None]
-        return {"accuracy": acc, "average_accuracy": sum(seen) / len(seen) if seen else None}
+def _evaluation_entry(entry: dict[str, Any], raw: dict[str, list[list[float]]], row: int,
+                      completed: int) -> dict[str, Any]:
+    def per_task(x: dict[str, Any], measure: str) -> dict[str, Any]:
+        # the mean of the unrounded accuracies over the seen tasks, rounded like results.json
+        seen = [a for a in raw[measure][row][: row + 1] if a == a]
+        return {"accuracy": x["accuracy_matrix"][row],
+                "average_accuracy": round(sum(seen) / len(seen), 4) if seen else None}
 
     out = {"setting": entry["setting"], "completed_tasks": completed, "tp": entry.get("tp"),
-           **per_task(entry)}
+           **per_task(entry, "accuracy")}
     if "task_aware" in entry:
-        out["task_aware"] = per_task(entry["task_aware"])
+        out["task_aware"] = per_task(entry["task_aware"], "task_aware")
     return out

@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_lora.continual import registry
+from moe_lora.data import DigitsStreamConfig, FileStreamConfig, WordNetStreamConfig
+from moe_lora.models.loading import check_model_name
 
 __all__ = [
     "ConfigError",
@@ -96,6 +98,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_finite(self, "model")
         check(bool(self.name.strip()), "model.name", "must not be empty")
+        if self.name != "mlp":
+            try:
+                check_model_name(self.name)
+            except ValueError as err:
+                raise ConfigError(f"model.name: {err}") from err
         check(self.lora_layers >= 0, "model.lora_layers", "must be >= 0")
         check(self.rank >= 1, "model.rank", "must be >= 1")
         check(self.alpha > 0, "model.alpha", "must be > 0")
@@ -136,6 +143,23 @@ class DataConfig:
             check(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
         check(self.val_per_class >= 0, "data.val_per_class", "must be >= 0")
         check(self.min_count >= 1, "data.min_count", "must be >= 1")
+        try:
+            self.stream()
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from err
+
+    def stream(self) -> WordNetStreamConfig | DigitsStreamConfig | FileStreamConfig:
+        """The data package's config of this stream (its own checks run on construction)."""
+        if self.benchmark == "split-wordnet":
+            return WordNetStreamConfig(
+                n_tasks=self.n_tasks, classes_per_task=self.classes_per_task,
+                min_count=self.min_count, train_per_class=self.train_per_class,
+                val_per_class=self.val_per_class, test_per_class=self.test_per_class,
+                seed=self.seed)
+        if self.benchmark == "split-digits":
+            return DigitsStreamConfig(n_tasks=self.n_tasks,
+                                      classes_per_task=self.classes_per_task, seed=self.seed)
+        return FileStreamConfig(str(self.path), seed=self.seed)
 
 
 @dataclass

@@ -242,6 +242,7 @@ class LoRALayer(nn.Module):
         if any(self.experts[e].lora_A.requires_grad for e in ids):
             return self._stack_live(ids)
         _, a_all, b_all = self._frozen_stack()
+        experts = experts.to(a_all.device)
         return a_all.index_select(0, experts), b_all.index_select(0, experts)
 
     def _stack_live(self, ids: list[int]) -> tuple[Tensor, Tensor]:

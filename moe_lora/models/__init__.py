@@ -4,9 +4,11 @@ feature backbones the continual engine trains on (:mod:`.backbones`)."""
 from moe_lora.models.loading import (
     EMBEDDED_MODELS,
     BaseModel,
+    check_model_name,
     default_targets,
     load_base,
     model_cache_dir,
 )
 
-__all__ = ["EMBEDDED_MODELS", "BaseModel", "default_targets", "load_base", "model_cache_dir"]
+__all__ = ["EMBEDDED_MODELS", "BaseModel", "check_model_name", "default_targets", "load_base",
+           "model_cache_dir"]

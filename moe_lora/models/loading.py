@@ -40,7 +40,8 @@ from transformers import (
 from moe_lora.core.io import atomic_write_json, read_json
 from moe_lora.core.targets import default_target_names
 
-__all__ = ["EMBEDDED_MODELS", "BaseModel", "default_targets", "load_base", "model_cache_dir"]
+__all__ = ["EMBEDDED_MODELS", "BaseModel", "check_model_name", "default_targets", "load_base",
+           "model_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,10 @@ def _is_causal_lm(config: object) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def _check_name(name_or_path: str) -> None:
+def check_model_name(name_or_path: str) -> None:
     """Fail fast on a missing local path or a near-miss of an embedded name (no hub round trip)."""
+    if name_or_path in EMBEDDED_MODELS:
+        return
     unknown = f"{name_or_path!r} is not an embedded model {list(EMBEDDED_MODELS)}"
     path_like = name_or_path.startswith((".", "/", "~"))
     if path_like and not Path(name_or_path).expanduser().exists():
@@ -196,7 +199,7 @@ def _check_name(name_or_path: str) -> None:
 
 
 def _load_any(name_or_path: str, task: TaskKind) -> BaseModel:
-    _check_name(name_or_path)
+    check_model_name(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:
