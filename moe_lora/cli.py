@@ -165,7 +165,8 @@ def _info_bank(path: Path) -> int:
     m = read_manifest(path)
     print(f"bank of base {m['base']['id']!r}: {len(m['layers'])} LoRA layers")
     for e in m["experts"]:
-        print(f"  {e['name']}: task={e['task']} rank={e['config']['rank']}")
+        task = e["task"] + 1 if isinstance(e["task"], int) else e["task"]  # tasks count from 1
+        print(f"  {e['name']}: task {task}, rank {e['config']['rank']}")
     return 0
 
 

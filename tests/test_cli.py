@@ -2,13 +2,18 @@
 saved run's final accuracies exactly; route, export (loaded back by PEFT), info; loggers."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from moe_lora.cli import main
-from moe_lora.continual.settings import STRATEGY_NAMES, ConfigError, load_config
+from moe_lora.continual.settings import ConfigError, load_config
+from moe_lora.core.commit import read_version
+
+DIGITS_RUN = load_config("configs/split_digits.yaml").strategies.run  # every built-in result
 
 
 def test_bad_key_fails_before_any_work(tmp_path, capsys):
@@ -50,10 +55,12 @@ def test_loggers_csv_always_tensorboard_when_installed(tmp_path):
 
     from moe_lora.continual.runner import build_loggers
 
-    kinds = [type(x) for x in build_loggers(["csv", "tensorboard"], tmp_path, "experts/task0")]
+    kinds = [type(x) for x in build_loggers(["csv", "tensorboard"], tmp_path, "experts/task1")]
     has_tb = importlib.util.find_spec("tensorboard") is not None
     assert kinds == [CSVLogger, TensorBoardLogger] if has_tb else kinds == [CSVLogger]
-    assert [type(x) for x in build_loggers(["csv"], tmp_path, "experts/task0")] == [CSVLogger]
+    [csv_logger] = build_loggers(["csv"], tmp_path, "experts/task1")
+    assert type(csv_logger) is CSVLogger
+    assert csv_logger.log_dir == str(tmp_path / "experts" / "task1")
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +73,16 @@ def run_dir(tmp_path_factory):
 
 def test_continual_writes_results_logs_and_info(run_dir, capsys):
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["strategies"]) == set(STRATEGY_NAMES)
-    assert (run_dir / "logs" / "experts" / "task4" / "metrics.csv").is_file()
+    assert set(results["strategies"]) == set(DIGITS_RUN)
+    assert {f"experts-{e}" for e in ("taskid", "retrieval", "confidence", "mole")} <= set(DIGITS_RUN)
+    # log folders are numbered from 1, like every task a person reads
+    logs = run_dir / "logs" / "experts"
+    assert sorted(p.name for p in logs.iterdir() if p.is_dir()) == [f"task{k}" for k in range(1, 6)]
+    assert (logs / "task5" / "metrics.csv").is_file()
     assert main(["info", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "experts-taskid" in out and "checkpoint experts: 5 tasks done" in out
+    assert "experts-taskid" in out and "checkpoint experts: 5 steps done" in out
+    assert "checkpoint joint: 1 step done" in out
 
 
 def test_evaluate_equals_the_final_row_of_every_matrix(run_dir, capsys):
@@ -83,11 +95,37 @@ def test_evaluate_equals_the_final_row_of_every_matrix(run_dir, capsys):
         ev = evaluation["strategies"][name]
         assert ev["accuracy"] == ran["accuracy_matrix"][-1], name
         assert ev["average_accuracy"] == pytest.approx(ran["average_accuracy"], abs=1e-6)
-        assert ev["router_accuracy"] == ran["router_accuracy"], name
+        assert ev["tp"] == ran["tp"], name
         if "task_aware" in ran:
             assert ev["task_aware"]["accuracy"] == ran["task_aware"]["accuracy_matrix"][-1], name
+            assert ev["task_aware"]["average_accuracy"] == pytest.approx(
+                ran["task_aware"]["average_accuracy"], abs=1e-6), name
         assert name in out
     assert evaluation["strategies"]["experts-taskid"]["average_accuracy"] > 0.9
+
+
+def test_evaluate_in_a_fresh_process_reproduces_every_result(run_dir):
+    """From the files alone (a new process: no state of the run in memory), ``evaluate`` gives
+    results.json's last row for every result, the four experts-* inferences included."""
+    results = json.loads((run_dir / "results.json").read_text())["strategies"]
+    assert {f"experts-{e}" for e in ("taskid", "retrieval", "confidence", "mole")} <= set(results)
+    (run_dir / "evaluation.json").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "moe_lora.cli", "evaluate", str(run_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())["strategies"]
+    assert set(evaluation) == set(results)
+    for name, ran in results.items():
+        ev = evaluation[name]
+        n_steps = len([row for row in ran["accuracy_matrix"] if any(v is not None for v in row)])
+        got = (ev["accuracy"], ev["average_accuracy"], ev["tp"], ev["setting"],
+               ev["completed_tasks"])
+        assert got == (ran["accuracy_matrix"][-1], ran["average_accuracy"], ran["tp"],
+                       ran["setting"], n_steps), name
+        if "task_aware" in ran:
+            assert (ev["task_aware"]["accuracy"], ev["task_aware"]["average_accuracy"]) == (
+                ran["task_aware"]["accuracy_matrix"][-1], ran["task_aware"]["average_accuracy"])
+        assert name in proc.stdout
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_keys(run_dir, capsys):
@@ -99,10 +137,10 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(run_dir, caps
     assert json.loads(before)["config"]["train"]["epochs"] == 3  # nothing was rewritten
 
 
-def test_export_peft_loads_in_peft_with_the_same_outputs(run_dir, tmp_path):
+def test_export_peft_loads_in_peft_with_the_same_outputs(run_dir, tmp_path, capsys):
     peft = pytest.importorskip("peft")
     from moe_lora import ExpertBank, Routing
-    from moe_lora.continual.runner import build_backbone, stream_config
+    from moe_lora.continual.runner import build_backbone
     from moe_lora.data import build_stream
 
     assert main(["export", str(run_dir), "task2", str(tmp_path / "peft")]) == 0
@@ -111,22 +149,30 @@ def test_export_peft_loads_in_peft_with_the_same_outputs(run_dir, tmp_path):
     assert any(k.endswith("lora_A.weight") for k in load_file(tmp_path / "peft" /
                                                              "adapter_model.safetensors"))
     run_cfg = load_config("configs/split_digits.yaml", ["train.epochs=3"])
-    stream = build_stream(stream_config(run_cfg))
+    stream = build_stream(run_cfg.data.stream())
 
     def fresh():
         return build_backbone(run_cfg, stream).model
 
     ours = ExpertBank(fresh(), targets=["0", "2"])
-    ours.load_experts(run_dir / "checkpoints" / "experts" / "task5" / "bank")
+    with read_version(run_dir / "checkpoints" / "experts") as version:
+        bank_dir = version / "bank"
+        ours.load_experts(bank_dir)
+    assert ours.names == [f"task{k}" for k in range(1, 6)]  # expert names are 1-based
     theirs = peft.PeftModel.from_pretrained(fresh(), tmp_path / "peft").eval()
-    x = stream[2].test.inputs.float()
+    x = stream[1].test.inputs.float()  # task2 is the second task's expert
     with torch.no_grad(), ours.use(Routing.single(ours.index("task2"))):
         expected = ours.model(x)
     with torch.no_grad():
         got, base = theirs(x), fresh()(x)
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert main(["info", str(run_dir / "checkpoints" / "experts" / "task5" / "bank")]) == 0
+    assert main(["info", str(bank_dir)]) == 0
+    assert main(["info", str(run_dir / "checkpoints" / "experts")]) == 0  # its committed bank
+    out = capsys.readouterr().out
+    assert out.count("  task5: ") == 2
+    assert main(["export", str(run_dir), "task0", str(tmp_path / "none")]) == 2  # no such expert
+    assert "task0" in capsys.readouterr().err
 
 
 TOPICS = {  # task -> label -> texts
@@ -170,10 +216,10 @@ def test_route_names_expert_task_and_weights(text_run, capsys):
     assert [r["text"] for r in rows] == texts
     assert [r["chosen"]["task_name"] for r in rows] == ["animals", "food"]
     for r in rows:
-        assert {e["expert"] for e in r["experts"]} == {"task0", "task1"}
+        assert {e["expert"] for e in r["experts"]} == {"task1", "task2"}
         assert sum(e["weight"] for e in r["experts"]) == pytest.approx(1.0)
         assert r["experts"][0]["expert"] == r["chosen"]["expert"]  # the top weight is chosen
         assert r["experts"][0]["weight"] > 0.5
     assert main(["route", str(text_run), texts[0]]) == 0
     out = capsys.readouterr().out
-    assert "routed to task0 (task 0: animals)" in out and "weight" in out
+    assert "routed to task1 (task 1: animals)" in out and "weight" in out

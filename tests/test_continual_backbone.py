@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
-from moe_lora.continual.module import ModuleConfig, MoELoRAModule, TaskHeads
+from moe_lora.continual.module import MoELoRAModule, TaskHeads, TrainPlan
 from moe_lora.continual.olora import l2_norm, olora_loss, orthogonality
+from moe_lora.continual.settings import TrainConfig
 from moe_lora.models.backbones import EncoderBackbone, MLPBackbone
 
 TEXTS = ["dog: a member of the genus Canis", "run: move fast by using one's feet", "x",
@@ -60,7 +61,7 @@ def test_lora_plus_gives_b_a_larger_learning_rate():
     bank.add_expert("e")
     heads = TaskHeads(16, 4)
     heads.add([0, 1])
-    module = MoELoRAModule(bank, ModuleConfig(lr=1e-3, lora_plus_ratio=16.0), bb, heads)
+    module = MoELoRAModule(bank, TrainConfig(lr=1e-3, lora_plus_ratio=16.0), TrainPlan(), bb, heads)
     groups = module.configure_optimizers().param_groups
     assert [g["lr"] for g in groups] == [1e-3, 16e-3]
     assert all(p.requires_grad for g in groups for p in g["params"])

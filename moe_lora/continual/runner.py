@@ -285,7 +285,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     if not found or resume:
         return
     if not overwrite:
-        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(sorted(found)[:4])}"
+        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(found[:4])}"
                           "); pass --resume to continue it or --overwrite to replace it")
     for name in found:
         path = out / name
