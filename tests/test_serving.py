@@ -9,6 +9,8 @@ request at a time.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from serving_helpers import (
 )
 from transformers import AutoTokenizer, BertModel, LlamaForCausalLM
 
-from moe_lora import ExpertBank, Routing, generate
+from moe_lora import ExpertBank, ExpertConfig, Routing, generate
 from moe_lora.serving.classify import load_heads
 from moe_lora.serving.folder import ServedFolder
 from moe_lora.serving.router import NamedRouter
@@ -247,3 +249,48 @@ def test_bad_completion_requests(lm_server, body, status, says) -> None:
     chat = post(lm_server, "/v1/chat/completions", {"model": "a", "messages": [{"role": "x"}]})
     assert chat.status_code == 400
     assert post(lm_server, "/predict", {"text": "hi", "expert": "a"}).status_code == 404
+
+
+@pytest.mark.slow
+def test_smollm2_bank_answers_completions(tmp_path, smollm2) -> None:
+    """The embedded SmolLM2 with two experts: concurrent greedy completions per expert equal
+    generating each prompt alone in-process."""
+    model, tok = smollm2
+    bank = ExpertBank(model, targets="auto", base_id="smollm2-135m")
+    torch.manual_seed(0)
+    for name in ("poet", "coder"):
+        bank.add_expert(name, ExpertConfig(rank=8, init="random"))
+        with torch.no_grad():
+            for key, p in bank.expert_parameters(name).items():
+                p.normal_(0, 0.3 if key.endswith("lora_A") else 0.05)
+    bank.freeze()
+    bank.save(tmp_path / "smol")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Roses are red,"]
+    jobs = [(p, e) for p in prompts for e in ("poet", "coder")]
+    want = {}
+    for p, e in jobs:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        out = generate(bank, ids, routing=e, max_new_tokens=8, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+        want[p, e] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    with running_servers((tmp_path / "smol", ("--max-batch-size", "8", "--batch-timeout",
+                                              "0.1"))) as (url,):
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda j: post(url, "/v1/completions", {
+                "model": j[1], "prompt": j[0], "max_tokens": 8, "temperature": 0}), jobs))
+        chat = post(url, "/v1/chat/completions", {"model": "poet", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "Say hi"}]})
+    for job, r in zip(jobs, answers, strict=True):
+        assert r.json()["choices"][0]["text"] == want[job], job
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("which", ["classifier", "lm_server"])
+def test_example_client_runs_fast(which, request) -> None:
+    url = request.getfixturevalue(which)
+    example = Path(__file__).resolve().parents[1] / "examples" / "serve_client.py"
+    done = subprocess.run([sys.executable, str(example), "--url", url, "--fast"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "experts:" in done.stdout and "requests per batch" in done.stdout
+    assert ("predict " in done.stdout) if which == "classifier" else ("stream " in done.stdout)

@@ -93,9 +93,10 @@ class BankClassifier:
     def predict_chunks(self, texts: Sequence[str], experts: Sequence[str | None],
                        tasks: Sequence[Any]) -> Iterator[dict[int, dict[str, Any]]]:
         """Answers by groups of rows whose experts fit in memory together, resident ones first."""
-        lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
-        too_long = {i: {"error": f"the text has {n} tokens, the limit is {self.max_input_tokens}",
-                        "status": 413} for i, n in enumerate(lengths) if n > self.max_input_tokens}
+        ids = self.tokenizer(list(texts))["input_ids"]
+        too_long = {i: {"error": f"the text has {len(x)} tokens, the limit is "
+                                 f"{self.max_input_tokens}", "status": 413}
+                    for i, x in enumerate(ids) if len(x) > self.max_input_tokens}
         if too_long:
             yield too_long
         rows = [i for i in range(len(texts)) if i not in too_long]
@@ -105,17 +106,17 @@ class BankClassifier:
                                [tasks[i] for i in rows])
         self.pool.prefetch([n for c in choices for n, _ in c])
         for chunk in self.pool.chunks(choices):
-            answers = self._forward([texts[rows[j]] for j in chunk], [choices[j] for j in chunk])
+            answers = self._forward([ids[rows[j]] for j in chunk], [choices[j] for j in chunk])
             yield {rows[j]: a for j, a in zip(chunk, answers, strict=True)}
 
     @torch.no_grad()
-    def _forward(self, texts: list[str], choices: list[Choice]) -> list[dict[str, Any]]:
+    def _forward(self, ids: list[list[int]], choices: list[Choice]) -> list[dict[str, Any]]:
         device = next(iter(self.pool.bank.layers.values())).base.weight.device
-        batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
         with self.pool.bank.use(self.pool.routing(choices)):
             hidden = self.pool.bank.model(**batch).last_hidden_state
         features = pool_hidden(hidden, batch["attention_mask"], self.pooling)
-        return [self._answer(features[b], choices[b]) for b in range(len(texts))]
+        return [self._answer(features[b], choices[b]) for b in range(len(ids))]
 
     def _answer(self, feature: Tensor, choice: Choice) -> dict[str, Any]:
         top = max(choice, key=lambda c: c[1])[0] if choice else "*"

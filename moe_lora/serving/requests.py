@@ -213,7 +213,7 @@ def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeCo
         job.messages = _messages(body, config)
     else:
         job.prompt = _text(_get(body, "prompt", str), "prompt", config)
-    job.max_tokens = _get(body, "max_tokens", int, 16)
+    job.max_tokens = _get(body, "max_tokens", int, min(16, config.max_new_tokens))
     job.temperature = _get(body, "temperature", float, 1.0)
     job.top_p = _get(body, "top_p", float, 1.0)
     job.n = _get(body, "n", int, 1)
@@ -226,5 +226,5 @@ def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeCo
               ("n", 1 <= job.n <= config.max_choices, f"in [1, {config.max_choices}]")]
     for key, ok, what in limits:
         if not ok:
-            raise BadRequest(400, f"'{key}' must be {what}, got {body[key]}")
+            raise BadRequest(400, f"'{key}' must be {what}, got {getattr(job, key)}")
     return job
