@@ -11,7 +11,8 @@ import pytest
 import torch
 from serving_helpers import minilm_tokenizer, store_from_bank, tiny_encoder_folder
 
-from moe_lora.serving.classify import BankClassifier, Predictor
+from moe_lora.serving import Predictor
+from moe_lora.serving.classify import BankClassifier
 from moe_lora.serving.cli import add_serve_parser
 from moe_lora.serving.config import ServeConfig
 from moe_lora.serving.decoding import RowSampling, RowTracker

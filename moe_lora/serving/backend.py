@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moe_lora.models import load_base
-from moe_lora.serving.classify import BankClassifier, Predictor, load_heads
+from moe_lora.serving.classify import BankClassifier, load_heads
 from moe_lora.serving.config import ServeConfig
 from moe_lora.serving.decoding import BankGenerator
 from moe_lora.serving.experts import Choice, ExpertPool
 from moe_lora.serving.folder import ServedFolder
+from moe_lora.serving.protocol import Predictor
 from moe_lora.serving.requests import GenerateJob, Job, PredictJob, RouteJob, Selection
-from moe_lora.serving.router import NamedRouter
+
+if TYPE_CHECKING:
+    from moe_lora.serving.router import NamedRouter
 
 __all__ = ["Backend"]
 
@@ -51,7 +54,11 @@ class Backend:
         base = load_base(folder.base_id, task=task)
         model = base.model.to(device).eval()
         pool = ExpertPool.open(folder, model, config.max_resident, config.max_resident_bytes)
-        router = NamedRouter.load(folder.path, pool.bank, device) if folder.has_router else None
+        router = None
+        if folder.has_router:  # imported here: the embedder (sentence-transformers) is heavy
+            from moe_lora.serving.router import NamedRouter
+
+            router = NamedRouter.load(folder.path, pool.bank, device)
         backend = cls(folder, pool, router)
         if folder.has_heads:
             pooling = (folder.heads_meta or {}).get("pooling", "mean")

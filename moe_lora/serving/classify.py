@@ -1,8 +1,7 @@
-"""``POST /predict``: the :class:`Predictor` protocol and its implementation for a bank folder.
+"""``POST /predict`` for a bank folder with heads: :class:`BankClassifier`, a :class:`Predictor`.
 
-A continual run (``moe_lora.continual``) or any other model serves ``/predict`` by implementing
-:class:`Predictor`. :class:`BankClassifier` implements it for a folder holding a bank and linear
-heads (:func:`moe_lora.serving.folder.save_heads`)::
+:class:`BankClassifier` implements :class:`~moe_lora.serving.protocol.Predictor` for a folder
+holding a bank and linear heads (:func:`moe_lora.serving.folder.save_heads`)::
 
     h_b      = pool(encoder(x_b) under the routing of every row)     one forward, [B, H]
     logits_b = W_e h_b + c_e     e = the row's expert of largest weight (or the shared head "*")
@@ -12,7 +11,7 @@ heads (:func:`moe_lora.serving.folder.save_heads`)::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,30 +20,9 @@ from moe_lora.core.io import load_tensors
 from moe_lora.serving.experts import Choice, ExpertPool
 from moe_lora.serving.folder import Head, ServedFolder
 
-__all__ = ["BankClassifier", "Predictor", "load_heads", "pool_hidden"]
+__all__ = ["BankClassifier", "load_heads", "pool_hidden"]
 
 Resolver = Callable[[Sequence[str], Sequence[str | None], Sequence[Any]], list[Choice]]
-
-
-@runtime_checkable
-class Predictor(Protocol):
-    """What ``POST /predict`` asks of a served model (one call per batch of requests).
-
-    ``predict(texts, experts, tasks)`` gets B texts; for row i, ``experts[i]`` is an expert name,
-    or None: then ``tasks[i]`` (when not None) selects the task's experts, else the predictor
-    routes by itself. It returns B dicts::
-
-        {"label": str, "scores": {label: probability}, "experts": [name, ...],
-         "weights": [float, ...]}
-
-    or, for a row it cannot answer, ``{"error": message, "status": 4xx}``. Expert names and
-    tasks arrive checked against ``GET /experts``.
-    """
-
-    def predict(self, texts: Sequence[str], experts: Sequence[str | None],
-                tasks: Sequence[Any]) -> list[dict[str, Any]]:
-        """One answer per text (see the class docstring)."""
-        ...
 
 
 def load_heads(folder: ServedFolder) -> dict[str, Head]:

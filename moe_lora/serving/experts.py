@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from torch import nn
 from moe_lora.core.bank import ExpertBank
 from moe_lora.core.routing import Routing
 from moe_lora.core.storage import read_manifest
-from moe_lora.memory.store import AdapterStore
 from moe_lora.serving.folder import ServedFolder
+
+if TYPE_CHECKING:
+    from moe_lora.memory.store import AdapterStore
 
 __all__ = ["Choice", "ExpertPool"]
 
@@ -53,6 +56,10 @@ class ExpertPool:
             bank = ExpertBank.load(folder.path, model)
             bank.freeze()
             return cls(bank)
+        from moe_lora.memory.store import (
+            AdapterStore,  # moe_lora.memory loads sentence-transformers
+        )
+
         first = read_manifest(folder.path / folder.names[0])
         bank = ExpertBank(model, targets=list(first["layers"]), base_id=folder.base_id)
         store = AdapterStore(folder.path, bank, max_experts=max_resident,

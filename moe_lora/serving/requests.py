@@ -194,31 +194,15 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return stop
 
 
-def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeConfig,
-                     chat: bool) -> GenerateJob:
-    """An OpenAI completion (``prompt``) or chat completion (``messages``) request.
-
-    ``model``: an expert name, ``"auto"`` (the router picks from the prompt) or the base model's
-    id (no expert). Fields of the OpenAI API not listed in the docs are ignored.
-    """
-    model = _get(body, "model", str)
+def _model(model: str, folder: ServedFolder) -> Selection:
     if model == "auto":
-        selection = _auto(folder)
-    elif model == folder.base_id and model not in folder.names:
-        selection = Selection("base")
-    else:
-        selection = _expert(model, folder)
-    job = GenerateJob(selection)
-    if chat:
-        job.messages = _messages(body, config)
-    else:
-        job.prompt = _text(_get(body, "prompt", str), "prompt", config)
-    job.max_tokens = _get(body, "max_tokens", int, min(16, config.max_new_tokens))
-    job.temperature = _get(body, "temperature", float, 1.0)
-    job.top_p = _get(body, "top_p", float, 1.0)
-    job.n = _get(body, "n", int, 1)
-    job.stop = _stop(body)
-    job.stream = _get(body, "stream", bool, False)
+        return _auto(folder)
+    if model == folder.base_id and model not in folder.names:
+        return Selection("base")
+    return _expert(model, folder)
+
+
+def _check_limits(job: GenerateJob, config: ServeConfig) -> None:
     limits = [("max_tokens", 1 <= job.max_tokens <= config.max_new_tokens,
                f"in [1, {config.max_new_tokens}]"),
               ("temperature", 0 <= job.temperature <= 2, "in [0, 2]"),
@@ -227,4 +211,25 @@ def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeCo
     for key, ok, what in limits:
         if not ok:
             raise BadRequest(400, f"'{key}' must be {what}, got {getattr(job, key)}")
+
+
+def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeConfig,
+                     chat: bool) -> GenerateJob:
+    """An OpenAI completion (``prompt``) or chat completion (``messages``) request.
+
+    ``model``: an expert name, ``"auto"`` (the router picks from the prompt) or the base model's
+    id (no expert). Fields of the OpenAI API not listed in the docs are ignored.
+    """
+    job = GenerateJob(
+        _model(_get(body, "model", str), folder),
+        prompt=None if chat else _text(_get(body, "prompt", str), "prompt", config),
+        messages=_messages(body, config) if chat else None,
+        max_tokens=_get(body, "max_tokens", int, min(16, config.max_new_tokens)),
+        temperature=_get(body, "temperature", float, 1.0),
+        top_p=_get(body, "top_p", float, 1.0),
+        n=_get(body, "n", int, 1),
+        stop=_stop(body),
+        stream=_get(body, "stream", bool, False),
+    )
+    _check_limits(job, config)
     return job

@@ -11,6 +11,7 @@ Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pickle
 import time
@@ -115,21 +116,27 @@ class BankSpec(LitSpec):
         finally:
             self.response_buffer.pop(uid, None)
 
-    async def _first(self, job: Job) -> dict[str, Any]:
-        async for item in self.answers(job):
-            return item
-        raise BadRequest(500, "the worker finished without an answer")
+    @staticmethod
+    async def _next(items: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await anext(items)
+        except StopAsyncIteration:
+            raise BadRequest(500, "the worker finished without an answer") from None
+
+    def _observed(self, endpoint: str, response: Response, start: float) -> Response:
+        self.counters.observe_request(endpoint, response.status_code, time.perf_counter() - start)
+        return response
 
     # ------------------------------------------------------------------ endpoints
     async def _single(self, endpoint: str, request: Request, parse: Parser) -> Response:
         start = time.perf_counter()
         try:
             job = parse(parse_body(await request.body()), self.folder, self.config)
-            response: Response = JSONResponse(await self._first(job))
+            async with contextlib.aclosing(self.answers(job)) as items:
+                response: Response = JSONResponse(await self._next(items))
         except BadRequest as err:
             response = error_response(err.status, err.message)
-        self.counters.observe_request(endpoint, response.status_code, time.perf_counter() - start)
-        return response
+        return self._observed(endpoint, response, start)
 
     async def predict(self, request: Request) -> Response:
         """``POST /predict``: label, class scores, experts used and their weights."""
@@ -149,28 +156,22 @@ class BankSpec(LitSpec):
 
     async def _completion(self, endpoint: str, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
+        items = None
         try:
             body = parse_body(await request.body())
             job = parse_completion(body, self.folder, self.config, chat)
             fmt = CompletionFormat(body["model"], chat, job.n)
             items = self.answers(job)
-            first = await anext(items)  # a refused prompt is still a plain 4xx
+            first = await self._next(items)  # a refused prompt is still a plain 4xx
+            if job.stream:
+                return StreamingResponse(self._sse(endpoint, fmt, first, items, start),
+                                         media_type="text/event-stream")
+            response: Response = JSONResponse(fmt.response([first] + [i async for i in items]))
         except BadRequest as err:
             response = error_response(err.status, err.message)
-            self.counters.observe_request(endpoint, response.status_code,
-                                          time.perf_counter() - start)
-            return response
-        except StopAsyncIteration:
-            first, items = {}, _empty()
-        if job.stream:
-            return StreamingResponse(self._sse(endpoint, fmt, first, items, start),
-                                     media_type="text/event-stream")
-        try:
-            response = JSONResponse(fmt.response([first] + [i async for i in items]))
-        except BadRequest as err:
-            response = error_response(err.status, err.message)
-        self.counters.observe_request(endpoint, response.status_code, time.perf_counter() - start)
-        return response
+        if items is not None:
+            await items.aclose()
+        return self._observed(endpoint, response, start)
 
     async def _sse(self, endpoint: str, fmt: CompletionFormat, first: dict[str, Any],
                    items: AsyncIterator[dict[str, Any]], start: float) -> AsyncIterator[str]:
@@ -181,11 +182,14 @@ class BankSpec(LitSpec):
             async for item in items:
                 for chunk in fmt.chunks(item):
                     yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
         except BadRequest as err:
             status = err.status
             yield f"data: {json.dumps({'error': {'message': err.message, 'code': status}})}\n\n"
-        yield "data: [DONE]\n\n"
-        self.counters.observe_request(endpoint, status, time.perf_counter() - start)
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client goes away mid-stream
+            await items.aclose()  # type: ignore[attr-defined]
+            self.counters.observe_request(endpoint, status, time.perf_counter() - start)
 
     async def experts(self) -> Response:
         """``GET /experts``: the base model, the router and every expert (task, rank, labels)."""
@@ -200,7 +204,3 @@ class BankSpec(LitSpec):
         return PlainTextResponse(self.counters.prometheus(),
                                  media_type="text/plain; version=0.0.4")
 
-
-async def _empty() -> AsyncIterator[dict[str, Any]]:
-    return
-    yield
