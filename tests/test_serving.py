@@ -140,6 +140,7 @@ def test_route_names_the_router_choice(classifier, reference) -> None:
     ({"text": "a cat", "task": 9}, 404, "no expert for task 9"),
     ({"text": "   "}, 400, "'text' is empty"),
     ({"text": "x" * 401}, 413, "401 characters, the limit is 400"),
+    ({"text": "x" * 80_000}, 413, "the body is larger than 71936 bytes"),
     ({"text": "cat " * 60}, 413, "tokens, the limit is 40"),
     ({"text": 3}, 400, "'text' must be a string"),
     ({"text": "a cat", "expert": ["animals"]}, 400, "'expert' must be a string"),

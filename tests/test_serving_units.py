@@ -12,11 +12,11 @@ import torch
 from serving_helpers import minilm_tokenizer, store_from_bank, tiny_encoder_folder
 
 from moe_lora.serving import Predictor
-from moe_lora.serving.classify import BankClassifier
+from moe_lora.serving.classify import BankClassifier, load_heads
 from moe_lora.serving.cli import add_serve_parser
 from moe_lora.serving.config import ServeConfig
 from moe_lora.serving.decoding import RowSampling, RowTracker
-from moe_lora.serving.experts import ExpertPool
+from moe_lora.serving.experts import ExpertPool, ResidencyError
 from moe_lora.serving.folder import ServedFolder
 from moe_lora.serving.metrics import Metrics
 from moe_lora.serving.openai import CompletionFormat
@@ -117,6 +117,14 @@ def test_store_chunks_fit_the_bound_and_resident_go_first(folder, tmp_path) -> N
     assert pool.prefetch(["food"]) is None and pool.prefetch(["music"]).result() > 0
     routing = pool.routing([choices[1], []])
     assert routing.indices.tolist()[1] == [-1, -1] and pool.stats()[1] == 3
+    three = [("animals", 0.4), ("music", 0.3), ("sports", 0.3)]
+    with pytest.raises(ResidencyError, match="need 3 experts at once"):
+        pool.routing([three])
+    picks = {"a": three, "b": [("food", 1.0)]}
+    clf = BankClassifier(pool, minilm_tokenizer(), load_heads(store),
+                         lambda texts, e, t: [picks[x] for x in texts])
+    answers = clf.predict(["a", "b"], [None, None], [None, None])
+    assert answers[0]["status"] == 503 and answers[1]["experts"] == ["food"]
 
 
 def test_bank_classifier_is_a_predictor(folder) -> None:

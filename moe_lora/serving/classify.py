@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moe_lora.core.io import load_tensors
-from moe_lora.serving.experts import Choice, ExpertPool
+from moe_lora.serving.experts import Choice, ExpertPool, ResidencyError
 from moe_lora.serving.folder import Head, ServedFolder
 
 __all__ = ["BankClassifier", "load_heads", "pool_hidden"]
@@ -84,7 +84,10 @@ class BankClassifier:
                                [tasks[i] for i in rows])
         self.pool.prefetch([n for c in choices for n, _ in c])
         for chunk in self.pool.chunks(choices):
-            answers = self._forward([ids[rows[j]] for j in chunk], [choices[j] for j in chunk])
+            try:
+                answers = self._forward([ids[rows[j]] for j in chunk], [choices[j] for j in chunk])
+            except ResidencyError as err:  # only this group's requests fail
+                answers = [{"error": str(err), "status": 503}] * len(chunk)
             yield {rows[j]: a for j, a in zip(chunk, answers, strict=True)}
 
     @torch.no_grad()

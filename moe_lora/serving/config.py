@@ -45,6 +45,11 @@ class ServeConfig:
     max_resident_bytes: int | None = None
     base: str | None = None
 
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body accepted (413 beyond): room for a few texts at the limit."""
+        return 16 * self.max_text_chars + 65536
+
     def __post_init__(self) -> None:
         checks = [
             ("host", self.host in ("127.0.0.1", "0.0.0.0", "::"), "must be 127.0.0.1, 0.0.0.0 or ::"),

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from moe_lora.core.generation import generate
-from moe_lora.serving.experts import Choice, ExpertPool
+from moe_lora.serving.experts import Choice, ExpertPool, ResidencyError
 from moe_lora.serving.requests import GenerateJob
 
 __all__ = ["BankGenerator", "RowSampling", "RowTracker"]
@@ -158,13 +158,17 @@ class BankGenerator:
     def _run_chunk(self, members: list[int], jobs: Sequence[GenerateJob], ids: list[list[int]],
                    choices: Sequence[Choice]) -> Iterator[dict[int, dict[str, Any]]]:
         rows = [(m, c) for m in members for c in range(jobs[m].n)]  # (job, choice index)
+        try:
+            routing = self.pool.routing([choices[m] for m, _ in rows])
+        except ResidencyError as err:  # only this group's requests fail
+            yield {m: {"error": str(err), "status": 503} for m in members}
+            return
         prompts = [{"input_ids": ids[m]} for m, _ in rows]
         batch = self.tokenizer.pad(prompts, return_tensors="pt")
         out: queue.Queue = queue.Queue()
         tracker = RowTracker(self.tokenizer, batch["input_ids"].shape[1],
                              [jobs[m].max_tokens for m, _ in rows],
                              [jobs[m].stop for m, _ in rows], self.eos, out)
-        routing = self.pool.routing([choices[m] for m, _ in rows])
         temps = torch.tensor([jobs[m].temperature for m, _ in rows])
         kwargs = {"max_new_tokens": max(jobs[m].max_tokens for m in members),
                   "pad_token_id": self.pad_id, "stopping_criteria": StoppingCriteriaList([tracker]),

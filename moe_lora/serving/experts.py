@@ -26,9 +26,13 @@ from moe_lora.serving.folder import ServedFolder
 if TYPE_CHECKING:
     from moe_lora.memory.store import AdapterStore
 
-__all__ = ["Choice", "ExpertPool"]
+__all__ = ["Choice", "ExpertPool", "ResidencyError"]
 
 Choice = list[tuple[str, float]]  # one request's experts and weights; [] = the base model
+
+
+class ResidencyError(RuntimeError):
+    """The experts of a group of requests cannot be resident together (the store's bounds)."""
 
 
 def _read_files(folder: Path) -> int:
@@ -109,10 +113,17 @@ class ExpertPool:
         """One per-sample routing for ``choices`` (loading and evicting store experts as needed).
 
         Bank indices are only valid until the next call (evictions renumber the bank).
+
+        Raises:
+            ResidencyError: the experts do not fit the store's bounds together.
         """
         names = sorted({n for c in choices for n, _ in c})
         if self.store is not None:
-            index = dict(zip(names, self.store.ensure(names), strict=True))
+            try:
+                index = dict(zip(names, self.store.ensure(names), strict=True))
+            except RuntimeError as err:  # more experts or bytes than may be resident
+                raise ResidencyError(f"these requests need {len(names)} experts at once: "
+                                     f"{err}") from err
         else:
             index = {n: self.bank.index(n) for n in names}
         k = max(1, max(len(c) for c in choices))

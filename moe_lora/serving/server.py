@@ -26,7 +26,7 @@ def build_server(path: str | Path, config: ServeConfig | None = None) -> ls.LitS
     metrics = Metrics(max_workers=config.workers * 16)
     api = BankAPI(folder.path, config, metrics, BankSpec(folder, config, metrics))
     return ls.LitServer(api, accelerator=config.device, workers_per_device=config.workers,
-                        timeout=config.timeout, max_payload_size=16 * config.max_text_chars + 65536)
+                        timeout=config.timeout, max_payload_size=config.max_body_bytes)
 
 
 def serve(path: str | Path, config: ServeConfig | None = None, log_level: str = "warning") -> None:

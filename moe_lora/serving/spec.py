@@ -24,6 +24,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_lora.serving.config import ServeConfig
 from moe_lora.serving.folder import ServedFolder
@@ -128,10 +129,18 @@ class BankSpec(LitSpec):
         return response
 
     # ------------------------------------------------------------------ endpoints
+    async def _body(self, request: Request) -> dict[str, Any]:
+        try:
+            raw = await request.body()
+        except StarletteHTTPException as err:  # LitServe's size limit, raised while reading
+            raise BadRequest(err.status_code, f"the body is larger than "
+                                              f"{self.config.max_body_bytes} bytes") from None
+        return parse_body(raw)
+
     async def _single(self, endpoint: str, request: Request, parse: Parser) -> Response:
         start = time.perf_counter()
         try:
-            job = parse(parse_body(await request.body()), self.folder, self.config)
+            job = parse(await self._body(request), self.folder, self.config)
             async with contextlib.aclosing(self.answers(job)) as items:
                 response: Response = JSONResponse(await self._next(items))
         except BadRequest as err:
@@ -158,7 +167,7 @@ class BankSpec(LitSpec):
         start = time.perf_counter()
         items = None
         try:
-            body = parse_body(await request.body())
+            body = await self._body(request)
             job = parse_completion(body, self.folder, self.config, chat)
             fmt = CompletionFormat(body["model"], chat, job.n)
             items = self.answers(job)
