@@ -95,6 +95,19 @@ def tiny_llama_folder(root: Path, names=("a", "b", "c")) -> Path:
     return root / "lm"
 
 
+def random_smollm2_bank(model: torch.nn.Module) -> ExpertBank:
+    """The embedded SmolLM2 with two random experts, "poet" and "coder", that change its text."""
+    bank = ExpertBank(model, targets="auto", base_id="smollm2-135m")
+    torch.manual_seed(0)
+    for name in ("poet", "coder"):
+        bank.add_expert(name, ExpertConfig(rank=8, init="random"))
+        with torch.no_grad():
+            for key, p in bank.expert_parameters(name).items():
+                p.normal_(0, 0.3 if key.endswith("lora_A") else 0.05)
+    bank.freeze()
+    return bank
+
+
 def store_from_bank(bank_folder: Path, store_root: Path) -> Path:
     """The bank's experts as an adapter store (heads and router copied next to them)."""
     from moe_lora.core.storage import read_manifest

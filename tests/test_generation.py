@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serving_helpers import random_smollm2_bank
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_lora import ExpertBank, ExpertConfig, RouterInput, Routing
@@ -212,14 +213,7 @@ def test_a_sample_router_is_asked_once_and_expanded(bank, prompts) -> None:
 @pytest.mark.slow
 def test_smollm2_mixed_batch_equals_rows_alone(smollm2) -> None:
     model, tok = smollm2
-    bank = ExpertBank(model, targets="auto", base_id="smollm2-135m")
-    torch.manual_seed(0)
-    for name in ("poet", "coder"):
-        bank.add_expert(name, ExpertConfig(rank=8, init="random"))
-        with torch.no_grad():
-            for key, p in bank.expert_parameters(name).items():
-                p.normal_(0, 0.3 if key.endswith("lora_A") else 0.05)
-    bank.freeze()
+    bank = random_smollm2_bank(model)
     texts = ["The capital of France is", "def fibonacci(n):"]
     tok.padding_side = "left"
     batch = tok(texts, return_tensors="pt", padding=True)

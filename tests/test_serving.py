@@ -19,6 +19,7 @@ import pytest
 import torch
 from serving_helpers import (
     TOPICS,
+    random_smollm2_bank,
     running_servers,
     store_from_bank,
     tiny_encoder_folder,
@@ -26,7 +27,7 @@ from serving_helpers import (
 )
 from transformers import AutoTokenizer, BertModel, LlamaForCausalLM
 
-from moe_lora import ExpertBank, ExpertConfig, Routing, generate
+from moe_lora import ExpertBank, Routing, generate
 from moe_lora.serving.classify import load_heads
 from moe_lora.serving.folder import ServedFolder
 from moe_lora.serving.router import NamedRouter
@@ -257,14 +258,7 @@ def test_smollm2_bank_answers_completions(tmp_path, smollm2) -> None:
     """The embedded SmolLM2 with two experts: concurrent greedy completions per expert equal
     generating each prompt alone in-process."""
     model, tok = smollm2
-    bank = ExpertBank(model, targets="auto", base_id="smollm2-135m")
-    torch.manual_seed(0)
-    for name in ("poet", "coder"):
-        bank.add_expert(name, ExpertConfig(rank=8, init="random"))
-        with torch.no_grad():
-            for key, p in bank.expert_parameters(name).items():
-                p.normal_(0, 0.3 if key.endswith("lora_A") else 0.05)
-    bank.freeze()
+    bank = random_smollm2_bank(model)
     bank.save(tmp_path / "smol")
     prompts = ["The capital of France is", "def fibonacci(n):", "Roses are red,"]
     jobs = [(p, e) for p in prompts for e in ("poet", "coder")]

@@ -19,6 +19,7 @@ from torch import Tensor
 from moe_lora.core.io import load_tensors
 from moe_lora.serving.experts import Choice, ExpertPool, ResidencyError
 from moe_lora.serving.folder import Head, ServedFolder
+from moe_lora.serving.requests import token_limit_errors
 
 __all__ = ["BankClassifier", "load_heads", "pool_hidden"]
 
@@ -72,9 +73,7 @@ class BankClassifier:
                        tasks: Sequence[Any]) -> Iterator[dict[int, dict[str, Any]]]:
         """Answers by groups of rows whose experts fit in memory together, resident ones first."""
         ids = self.tokenizer(list(texts))["input_ids"]
-        too_long = {i: {"error": f"the text has {len(x)} tokens, the limit is "
-                                 f"{self.max_input_tokens}", "status": 413}
-                    for i, x in enumerate(ids) if len(x) > self.max_input_tokens}
+        too_long = token_limit_errors(ids, self.max_input_tokens, "text")
         if too_long:
             yield too_long
         rows = [i for i in range(len(texts)) if i not in too_long]

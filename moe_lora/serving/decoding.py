@@ -29,7 +29,7 @@ from transformers import (
 
 from moe_lora.core.generation import generate
 from moe_lora.serving.experts import Choice, ExpertPool, ResidencyError
-from moe_lora.serving.requests import GenerateJob
+from moe_lora.serving.requests import GenerateJob, token_limit_errors
 
 __all__ = ["BankGenerator", "RowSampling", "RowTracker"]
 
@@ -145,9 +145,7 @@ class BankGenerator:
         """Per step, ``{job: {"choices": [{"index", "text", "finish_reason"}], ...}}``; a job's
         last item adds ``"usage"``; a job that cannot run gets ``{"error", "status"}``."""
         ids = [self.tokenizer(self.prompt_text(j))["input_ids"] for j in jobs]
-        bad = {i: {"error": f"the prompt has {len(x)} tokens, the limit is "
-                            f"{self.max_input_tokens}", "status": 413}
-               for i, x in enumerate(ids) if len(x) > self.max_input_tokens}
+        bad = token_limit_errors(ids, self.max_input_tokens, "prompt")
         if bad:
             yield bad
         ok = [i for i in range(len(jobs)) if i not in bad]

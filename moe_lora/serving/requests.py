@@ -17,7 +17,7 @@ from moe_lora.serving.config import ServeConfig
 from moe_lora.serving.folder import ServedFolder
 
 __all__ = ["BadRequest", "GenerateJob", "Job", "PredictJob", "RouteJob", "parse_body",
-           "parse_completion", "parse_predict", "parse_route"]
+           "parse_completion", "parse_predict", "parse_route", "token_limit_errors"]
 
 _MISSING = object()
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
@@ -233,3 +233,12 @@ def parse_completion(body: dict[str, Any], folder: ServedFolder, config: ServeCo
     )
     _check_limits(job, config)
     return job
+
+
+def token_limit_errors(ids: list[list[int]], limit: int, what: str) -> dict[int, dict[str, Any]]:
+    """Error answers (413) for the inputs of more than ``limit`` tokens, by position.
+
+    Checked by the workers, which hold the tokenizer; ``what`` names the input in the message.
+    """
+    return {i: {"error": f"the {what} has {len(x)} tokens, the limit is {limit}", "status": 413}
+            for i, x in enumerate(ids) if len(x) > limit}
