@@ -75,7 +75,8 @@ class ServedFolder:
         else:
             raise FileNotFoundError(
                 f"{self.path} is neither a saved bank (manifest.json) nor an adapter store "
-                "(store.json)"
+                "(store.json); continual run folders are not served yet (their engine does not "
+                "implement moe_lora.serving.Predictor yet)"
             )
         if not manifests:
             raise FileNotFoundError(f"{self.path}: the store holds no expert")
