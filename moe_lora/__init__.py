@@ -8,6 +8,7 @@ per token. See ``docs/architecture.md``.
 import moe_lora.routers  # noqa: E402,F401  (registers the built-in routers for get_router)
 from moe_lora.core.bank import ExpertBank, ExpertInfo
 from moe_lora.core.config import ExpertConfig
+from moe_lora.core.generation import generate
 from moe_lora.core.io import CorruptFileError
 from moe_lora.core.layers import LoRALayer
 from moe_lora.core.routing import (
@@ -37,5 +38,6 @@ __all__ = [
     "GateOutput",
     "register_router",
     "get_router",
+    "generate",
     "__version__",
 ]

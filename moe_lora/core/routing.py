@@ -133,6 +133,24 @@ class Routing:
             object.__setattr__(self, "_uniform", int(first) if same else None)
         return self.__dict__["_uniform"]
 
+    def expand(self, n: int) -> Routing:
+        """Each sample's routing repeated ``n`` times in a row: row ``b * n + j`` gets sample b's.
+
+        This is the row layout of Hugging Face ``generate`` for beams and returned sequences
+        (``repeat_interleave`` on the batch axis). Kinds without a batch axis (``base``,
+        ``single``, ``gated``) are returned unchanged.
+
+        Raises:
+            ValueError: ``n < 1``.
+        """
+        if n < 1:
+            raise ValueError(f"Routing.expand needs n >= 1, got {n}")
+        if n == 1 or self.kind in ("base", "single", "gated"):
+            return self
+        indices = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
+        weights = None if self.weights is None else self.weights.repeat_interleave(n, dim=0)
+        return Routing(self.kind, self.expert, indices, weights)
+
     @property
     def batch_size(self) -> int | None:
         """B for the kinds that fix it, else None."""
