@@ -8,6 +8,7 @@
                    [--json]
     moe-lora export RUN_DIR EXPERT OUT_DIR    # one expert in PEFT format
     moe-lora info PATH                        # what a bank folder or a run folder holds
+    moe-lora serve PATH [--port 8000 ...]     # HTTP: a run, a saved bank or an adapter store
 
 Every command takes ``-v/--verbose``, ``-q/--quiet`` and ``--debug``. A user error (a config key,
 a data file, a corrupt or missing file) prints one line ``moe-lora: error: <where>: <what>`` and
@@ -74,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     for command in (c, e, r, x, i):
         _common(command)
+    from moe_lora.serving.cli import add_serve_parser
+
+    _common(add_serve_parser(sub))
     return p
 
 
@@ -170,8 +174,15 @@ def _info_bank(path: Path) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run, a bank or an adapter store over HTTP (see docs/serving.md)."""
+    from moe_lora.serving.cli import cmd_serve as serve
+
+    return serve(args)
+
+
 HANDLERS = {"continual": cmd_continual, "evaluate": cmd_evaluate, "route": cmd_route,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

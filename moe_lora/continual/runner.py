@@ -155,6 +155,7 @@ class ContinualRunner:
             "config": to_dict(self.cfg),
             "tasks": [t.name for t in self.stream],
             "class_names": self.stream.class_names,
+            "task_classes": [list(t.class_ids) for t in self.stream],
             "prepare_seconds": round(self.prepare_seconds, 1),
             "strategies": entries,
             "processes": {"world_size": _rank_world()[1], "state_sha256": self.digests},

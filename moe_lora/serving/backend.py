@@ -27,6 +27,20 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend"]
 
+
+class _RunRouter:
+    """``POST /route`` of a served run: the task weights of its task-agnostic result."""
+
+    def __init__(self, predictor: Any):
+        self.predictor = predictor
+
+    def route(self, texts: Sequence[str], k: int | None = None) -> list[Any]:
+        from moe_lora.serving.router import NamedRoute
+
+        answers = self.predictor.predict(list(texts), [None] * len(texts), [None] * len(texts))
+        return [NamedRoute(a.get("experts", [])[:k], a.get("weights", [])[:k],
+                           a.get("weights", [])[:k]) for a in answers]
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +64,8 @@ class Backend:
         """Load the base model, the experts, the router and the heads of ``folder``."""
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        if folder.kind == "run":
+            return cls._open_run(folder, device)
         task = "encoder" if folder.has_heads else "causal-lm"
         base = load_base(folder.base_id, task=task)
         model = base.model.to(device).eval()
@@ -68,6 +84,16 @@ class Backend:
             backend.generator = BankGenerator(pool, base.tokenizer, config.max_input_tokens)
         log.info("serving %s (%d experts, %s) on %s", folder.path, len(folder.names), task, device)
         return backend
+
+    @classmethod
+    def _open_run(cls, folder: ServedFolder, device: str) -> Backend:
+        """A continual run: its strategy answers ``/predict`` and routes ``"auto"`` rows."""
+        from moe_lora.continual.serve import RunPredictor
+
+        predictor = RunPredictor(folder.path, folder.run["result"], device)
+        log.info("serving run %s (%s, %d experts) on %s", folder.path, folder.run["result"],
+                 len(folder.names), device)
+        return cls(folder, None, _RunRouter(predictor), predictor=predictor)  # type: ignore[arg-type]
 
     def resolve(self, texts: Sequence[str], experts: Sequence[str | None],
                 tasks: Sequence[Any]) -> list[Choice]:

@@ -72,11 +72,13 @@ class ServedFolder:
             self.kind = "store"
             names = read_json(self.path / "store.json")["experts"]
             manifests = [read_manifest(self.path / n) for n in names.values()]
+        elif (self.path / "results.json").is_file() and (self.path / "checkpoints").is_dir():
+            self._open_run(base)
+            return
         else:
             raise FileNotFoundError(
-                f"{self.path} is neither a saved bank (manifest.json) nor an adapter store "
-                "(store.json); continual run folders are not served yet (their engine does not "
-                "implement moe_lora.serving.Predictor yet)"
+                f"{self.path} is neither a saved bank (manifest.json), an adapter store "
+                "(store.json) nor a continual run (results.json + checkpoints/)"
             )
         if not manifests:
             raise FileNotFoundError(f"{self.path}: the store holds no expert")
@@ -87,6 +89,18 @@ class ServedFolder:
         ]
         self.heads_meta = read_json(self.path / "heads.json") if self.has_heads else None
 
+    def _open_run(self, base: str | None) -> None:
+        """A continual run: its served strategy's experts, labels and results."""
+        from moe_lora.continual.serve import describe_run
+
+        self.kind = "run"
+        self.run = describe_run(self.path)
+        self.base_id = base or self.run["base"]
+        self.experts = [ExpertEntry(e["name"], e["task"], int(e["rank"]), {})
+                        for e in self.run["experts"]]
+        self.heads_meta = {"heads": {e["name"]: {"labels": e["labels"]}
+                                     for e in self.run["experts"]}}
+
     @property
     def names(self) -> list[str]:
         """Expert names."""
@@ -94,13 +108,14 @@ class ServedFolder:
 
     @property
     def has_heads(self) -> bool:
-        """Whether classification heads are saved next to the experts."""
-        return (self.path / "heads.json").is_file()
+        """Whether classification heads are saved next to the experts (a run always has them)."""
+        return self.kind == "run" or (self.path / "heads.json").is_file()
 
     @property
     def has_router(self) -> bool:
-        """Whether a retrieval router (``router/``) is saved next to the experts."""
-        return (self.path / "router" / "router.json").is_file()
+        """Whether ``"auto"`` routing is available: a saved retrieval router (``router/``), or a
+        run (its task-agnostic result routes)."""
+        return self.kind == "run" or (self.path / "router" / "router.json").is_file()
 
     def experts_of_task(self, task: Any) -> list[str]:
         """Names of the experts whose task equals ``task`` (compared as strings too)."""
@@ -111,7 +126,8 @@ class ServedFolder:
         return {
             "base": self.base_id,
             "kind": self.kind,
-            "router": "retrieval" if self.has_router else None,
+            "router": self.run["result"] if self.kind == "run" else
+            ("retrieval" if self.has_router else None),
             "experts": [
                 {"name": e.name, "task": e.task, "rank": e.rank, "meta": dict(e.meta or {}),
                  "labels": self.labels_of(e.name)}

@@ -72,7 +72,7 @@ class RunContext:
         stream: the task stream.
         backbone: frozen feature extractor (its lower blocks cached in ``tasks``).
         bank: the expert bank on the backbone's model; emptied before each strategy.
-        tasks: every task's cached train/val/test examples.
+        tasks: every task's cached train/val/test examples (empty when serving a finished run).
         embeddings: retrieval key -> L2-normalised frozen base embedding ``[D]``.
         fit: one Lightning fit with the run's trainer settings.
         device: where the model lives.
@@ -90,7 +90,7 @@ class RunContext:
     @property
     def n_tasks(self) -> int:
         """Tasks in the stream."""
-        return len(self.tasks)
+        return len(self.stream)
 
     @property
     def n_classes(self) -> int:

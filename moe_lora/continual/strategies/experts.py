@@ -70,7 +70,7 @@ class Experts(Strategy):
         self.shared = Shared(
             ctx, self.heads,
             ReplayMemory(ctx, options.replay_size) if "replay" in needs else None,
-            KeyIndex(options.retrieval, ctx.embeddings) if "keys" in needs else None,
+            KeyIndex(options.retrieval, ctx.embeddings, ctx.backbone.dim) if "keys" in needs else None,
             options)
         self.inferences = {r: INFERENCES[n](self.shared) for r, n in names.items()}
 

@@ -77,15 +77,13 @@ class KeyIndex:
 
     Args:
         options: :class:`RetrievalOptions`.
-        embeddings: key -> L2-normalised embedding ``[D]`` (the run's table; may be empty when
-            only :meth:`weights` of given embeddings is needed, as in ``moe-lora route``).
-        dim: the embedding size (default: that of ``embeddings``).
+        embeddings: key -> L2-normalised embedding ``[D]`` (the run's table; filled as requests
+            come when serving; unused by ``moe-lora route``, which embeds its texts itself).
+        dim: the embedding size ``D``.
     """
 
-    def __init__(self, options: RetrievalOptions, embeddings: dict[str, np.ndarray],
-                 dim: int | None = None):
+    def __init__(self, options: RetrievalOptions, embeddings: dict[str, np.ndarray], dim: int):
         self.options, self.embeddings = options, embeddings
-        dim = dim or len(next(iter(embeddings.values())))
         self.index = ExpertIndex(IndexConfig(dim=dim, mode=options.mode,  # type: ignore[arg-type]
                                              n_neighbors=options.n_neighbors,
                                              temperature=options.temperature))

@@ -43,9 +43,16 @@ class ReplayMemory:
         self.ctx = ctx
         self.buffer = ReplayBuffer(ReplayConfig(capacity=size, balance="class",
                                                 seed=ctx.cfg.train.seed))
-        self.pool = Examples.concat([pt.train for pt in ctx.tasks])
         sizes = [len(pt.train) for pt in ctx.tasks]
         self.offsets = [sum(sizes[:t]) for t in range(len(sizes) + 1)]
+        self._pool: Examples | None = None
+
+    @property
+    def pool(self) -> Examples:
+        """Every task's training examples in task order (what buffer positions point into)."""
+        if self._pool is None:
+            self._pool = Examples.concat([pt.train for pt in self.ctx.tasks])
+        return self._pool
 
     def __len__(self) -> int:
         return len(self.buffer)
