@@ -1,12 +1,16 @@
 """On-disk format of :class:`moe_lora.memory.ExpertIndex` and the checks its loader runs.
 
-A saved index is a folder of three files:
+A saved index is an artefact folder of :mod:`moe_lora.core.commit` (versions, a ``CURRENT``
+pointer, a writers' lock, SHA-256 of every file); each version holds three files:
 
 - ``index.faiss``: the ``IndexIDMap2`` written by ``faiss.write_index``;
 - ``keys.safetensors``: ``keys.<id>`` ``[N, d]`` per expert, plus ``centroids.<id>`` ``[M, d]`` in
   centroid mode (what the index holds), so remove / replace / k-means work after a load;
-- ``index.json``: format, version, the ``IndexConfig`` fields, ``ntotal``, the experts
-  (``id``, ``n_keys``, ``n_vectors``) and the SHA-256 of the two other files. Written last.
+- ``index.json``: format, version, the ``IndexConfig`` fields, ``ntotal`` and the experts
+  (``id``, ``n_keys``, ``n_vectors``).
+
+The loader checks that the three agree: the FAISS index's metric, backend and dimension against
+the config, its vector count and ids against the experts, the key shapes against the experts.
 
 Every indexed vector's FAISS id is ``(expert_id << ID_SHIFT) | row``.
 """
@@ -20,10 +24,12 @@ import faiss
 import numpy as np
 import torch
 
-from moe_lora.core.io import CorruptFileError, read_json, sha256_file
+from moe_lora.core.io import CorruptFileError, read_json
 
 ID_SHIFT = 32
-FORMAT, VERSION = "moe_lora.expert_index", 1
+FORMAT, VERSION = "moe_lora.expert_index", 2
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_KINDS = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}
 INDEX_FILE, KEYS_FILE, MANIFEST_FILE = "index.faiss", "keys.safetensors", "index.json"
 
 
@@ -48,27 +54,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest["experts"] = [
             {f: int(e[f]) for f in ("id", "n_keys", "n_vectors")} for e in manifest["experts"]
         ]
-        for name in (INDEX_FILE, KEYS_FILE):
-            if not isinstance(manifest["sha256"][name], str):
-                raise TypeError(f"sha256.{name} is not a string")
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path}: not an expert index manifest ({err!r})") from err
     return manifest
 
 
-def read_faiss(path: Path, expected_sha256: str) -> faiss.Index:
-    """Read ``index.faiss`` after checking its SHA-256.
+def read_faiss(path: Path) -> faiss.Index:
+    """Read ``index.faiss`` (its checksum was checked by the commit protocol).
 
     Raises:
-        FileNotFoundError: the file is missing.
-        CorruptFileError: checksum mismatch, or FAISS cannot parse it.
+        CorruptFileError: FAISS cannot parse it.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    if sha256_file(path) != expected_sha256:
-        raise CorruptFileError(
-            f"{path}: checksum mismatch with {MANIFEST_FILE}; the file is truncated or was modified"
-        )
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:
@@ -76,15 +72,16 @@ def read_faiss(path: Path, expected_sha256: str) -> faiss.Index:
 
 
 def check_faiss(index: faiss.Index, manifest: dict[str, Any], folder: Path) -> None:
-    """Check the FAISS index against the manifest: type, dimension, vector count, ids.
+    """Check the FAISS index against the manifest: type, metric, backend, dimension, vector count,
+    ids.
 
     Raises:
         IndexMismatchError: names both files and what differs.
     """
     where = f"{folder / INDEX_FILE} vs {folder / MANIFEST_FILE}"
-    dim, experts = manifest["config"].get("dim"), manifest["experts"]
-    if not isinstance(index, faiss.IndexIDMap2):
-        raise IndexMismatchError(f"{where}: index is {type(index).__name__}, not IndexIDMap2")
+    config, experts = manifest["config"], manifest["experts"]
+    dim = config.get("dim")
+    _check_kind(index, config, where)
     if index.d != dim:
         raise IndexMismatchError(
             f"{where}: dimension differs (index.faiss d={index.d}, manifest config.dim={dim})"
@@ -103,6 +100,24 @@ def check_faiss(index: faiss.Index, manifest: dict[str, Any], folder: Path) -> N
         raise IndexMismatchError(
             f"{where}: ids differ (experts with vectors only in index.faiss: {only_index}, "
             f"only in the manifest: {only_manifest})"
+        )
+
+
+def _check_kind(index: faiss.Index, config: dict[str, Any], where: str) -> None:
+    """The FAISS file's wrapper, metric and backend against the manifest's config."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise IndexMismatchError(f"{where}: index is {type(index).__name__}, not IndexIDMap2")
+    if index.metric_type != _METRICS[config["metric"]]:
+        found = {v: k for k, v in _METRICS.items()}.get(index.metric_type, index.metric_type)
+        raise IndexMismatchError(
+            f"{where}: metric differs (index.faiss {found!r}, manifest config.metric "
+            f"{config['metric']!r})"
+        )
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, _KINDS[config["kind"]]):
+        raise IndexMismatchError(
+            f"{where}: backend differs (index.faiss {type(inner).__name__}, manifest config.kind "
+            f"{config['kind']!r})"
         )
 
 

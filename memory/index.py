@@ -16,12 +16,14 @@ removed with one id range. Backends (``IndexConfig.kind``): ``flat`` (exact), ``
 removal rebuilds the graph at the next search) and ``ivf`` (inverted lists: trained on all vectors
 the first time it holds at least ``nlist`` of them).
 
-On disk (:meth:`ExpertIndex.save`): ``index.faiss`` (``faiss.write_index``), ``keys.safetensors``
-(every expert's keys, and its centroids in centroid mode) and the manifest ``index.json``.
+On disk (:meth:`ExpertIndex.save`): an artefact folder of :mod:`moe_lora.core.commit` whose
+versions hold ``index.faiss`` (``faiss.write_index``), ``keys.safetensors`` (every expert's keys, and
+its centroids in centroid mode) and the manifest ``index.json``; see :mod:`._index_files`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,14 +32,8 @@ import faiss
 import numpy as np
 import torch
 
-from moe_lora.core.io import (
-    CorruptFileError,
-    atomic_path,
-    atomic_save_tensors,
-    atomic_write_json,
-    load_tensors,
-    sha256_file,
-)
+from moe_lora.core.commit import read_version, write_version
+from moe_lora.core.io import CorruptFileError, atomic_save_tensors, load_tensors
 
 from ._index_files import (
     FORMAT,
@@ -316,61 +312,54 @@ class ExpertIndex:
 
     # ----------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> None:
-        """Write ``index.faiss``, ``keys.safetensors`` and the manifest ``index.json`` to ``folder``.
-
-        Each file is written atomically; the manifest, written last, holds both files' SHA-256.
+        """Commit ``index.faiss``, ``keys.safetensors`` and ``index.json`` as one new version of the
+        artefact folder ``folder`` (:func:`moe_lora.core.commit.write_version`).
 
         Raises:
             ValueError: an IVF index holds too few vectors to train (see :meth:`search`).
+            moe_lora.core.commit.LockTimeoutError: another process kept the folder locked.
         """
         self._sync()
-        folder = Path(folder)
-        with atomic_path(folder / INDEX_FILE) as tmp:
-            faiss.write_index(self._faiss, str(tmp))
-            index_sha = sha256_file(tmp)
         tensors = {f"keys.{i}": torch.from_numpy(e.keys) for i, e in self._entries.items()}
         if self.config.mode == "centroid":
             tensors |= {
                 f"centroids.{i}": torch.from_numpy(e.vectors) for i, e in self._entries.items()
             }
-        keys_sha = atomic_save_tensors(folder / KEYS_FILE, tensors)
         experts = [
             {"id": i, "n_keys": len(e.keys), "n_vectors": len(e.vectors)}
             for i, e in sorted(self._entries.items())
         ]
-        atomic_write_json(
-            folder / MANIFEST_FILE,
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "config": asdict(self.config),
-                "ntotal": self.ntotal,
-                "experts": experts,
-                "sha256": {INDEX_FILE: index_sha, KEYS_FILE: keys_sha},
-            },
-        )
+        manifest = {"format": FORMAT, "version": VERSION, "config": asdict(self.config),
+                    "ntotal": self.ntotal, "experts": experts}
+
+        def write(tmp: Path) -> None:
+            faiss.write_index(self._faiss, str(tmp / INDEX_FILE))
+            atomic_save_tensors(tmp / KEYS_FILE, tensors)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        write_version(folder, write)
 
     @classmethod
     def load(cls, folder: str | Path) -> ExpertIndex:
         """Load an index written by :meth:`save`, checking that its three files agree.
 
         Raises:
-            FileNotFoundError: a file is missing.
-            CorruptFileError: a file is unreadable or fails its checksum.
-            IndexMismatchError: the manifest, the FAISS index and the keys disagree (dimension,
-                vector count, ids or key shapes); the message names the file and the field.
+            FileNotFoundError: nothing is committed in ``folder``.
+            CorruptFileError: a file is unreadable or fails its checksum (names it).
+            IndexMismatchError: the manifest, the FAISS index and the keys disagree (metric,
+                backend, dimension, vector count, ids or key shapes); names the file and field.
         """
-        folder = Path(folder)
-        manifest = read_manifest(folder / MANIFEST_FILE)
-        try:
-            config = IndexConfig(**manifest["config"])
-        except (TypeError, ValueError) as err:
-            raise CorruptFileError(f"{folder / MANIFEST_FILE}: bad config ({err})") from err
-        index = cls(config)
-        index._faiss = read_faiss(folder / INDEX_FILE, manifest["sha256"][INDEX_FILE])
-        check_faiss(index._faiss, manifest, folder)
-        tensors = load_tensors(folder / KEYS_FILE, manifest["sha256"][KEYS_FILE])
-        stored = read_keys(tensors, manifest, folder / KEYS_FILE)
+        with read_version(folder) as version:
+            manifest = read_manifest(version / MANIFEST_FILE)
+            try:
+                config = IndexConfig(**manifest["config"])
+            except (TypeError, ValueError) as err:
+                raise CorruptFileError(f"{version / MANIFEST_FILE}: bad config ({err})") from err
+            index = cls(config)
+            index._faiss = read_faiss(version / INDEX_FILE)
+            check_faiss(index._faiss, manifest, version)
+            tensors = load_tensors(version / KEYS_FILE)
+            stored = read_keys(tensors, manifest, version / KEYS_FILE)
         index._entries = {i: _Entry(keys, vecs) for i, (keys, vecs) in stored.items()}
         index._set_search_params(index._faiss)
         return index

@@ -13,14 +13,16 @@ features); a field's per-example tensors share dtype and trailing shape but may 
 (dim 0). Randomness comes from the buffer's own ``numpy.random.Generator``, whose state is saved:
 ``save`` then ``load`` continues exactly as the original would.
 
-On disk: ``replay.json`` (config, counters, RNG state, labels, tasks, texts, field schema, checksum)
-and ``replay.safetensors`` (``field.<name>``: the examples concatenated on dim 0,
-``length.<name>``: each example's length).
+On disk: an artefact folder of :mod:`moe_lora.core.commit` (versions, a ``CURRENT`` pointer, a
+writers' lock, SHA-256 of every file) whose versions hold ``replay.json`` (config, counters, RNG
+state, labels, tasks, texts, field schema) and ``replay.safetensors`` (``field.<name>``: the
+examples concatenated on dim 0, ``length.<name>``: each example's length).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,17 +33,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from moe_lora.core.io import (
-    CorruptFileError,
-    atomic_save_tensors,
-    atomic_write_json,
-    load_tensors,
-    read_json,
-)
+from moe_lora.core.commit import read_version, write_version
+from moe_lora.core.io import CorruptFileError, atomic_save_tensors, load_tensors, read_json
 
 __all__ = ["MixedBatchSampler", "ReplayBuffer", "ReplayConfig", "ReplayDataset", "mixed_loader"]
 
-_FORMAT, _VERSION = "moe_lora.replay_buffer", 1
+_FORMAT, _VERSION = "moe_lora.replay_buffer", 2
 _TENSORS, _MANIFEST = "replay.safetensors", "replay.json"
 Group = tuple[int, ...]
 
@@ -207,17 +204,26 @@ class ReplayBuffer:
 
     # ----------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> None:
-        """Write ``replay.json`` and ``replay.safetensors`` to ``folder`` (atomically each)."""
-        folder = Path(folder)
+        """Commit ``replay.json`` and ``replay.safetensors`` as one new version of the artefact
+        folder ``folder`` (:func:`moe_lora.core.commit.write_version`).
+
+        Raises:
+            moe_lora.core.commit.LockTimeoutError: another process kept the folder locked.
+        """
         tensors: dict[str, Tensor] = {}
         for name in self._schema or {}:
             parts = [ex.fields[name] for ex in self._slots]
             tensors[f"field.{name}"] = torch.cat(parts)
             tensors[f"length.{name}"] = torch.tensor([len(p) for p in parts], dtype=torch.int64)
-        sha = atomic_save_tensors(folder / _TENSORS, tensors)
-        atomic_write_json(folder / _MANIFEST, self._manifest(sha))
+        manifest = json.dumps(self._manifest(), indent=2) + "\n"
 
-    def _manifest(self, tensors_sha256: str) -> dict[str, Any]:
+        def write(tmp: Path) -> None:
+            atomic_save_tensors(tmp / _TENSORS, tensors)
+            (tmp / _MANIFEST).write_text(manifest)
+
+        write_version(folder, write)
+
+    def _manifest(self) -> dict[str, Any]:
         schema = self._schema
         return {
             "format": _FORMAT,
@@ -231,7 +237,6 @@ class ReplayBuffer:
             "labels": [ex.label for ex in self._slots],
             "tasks": [ex.task for ex in self._slots],
             "texts": [ex.text for ex in self._slots] if self._has_text else None,
-            "sha256": tensors_sha256,
         }
 
     @classmethod
@@ -239,17 +244,19 @@ class ReplayBuffer:
         """Restore a buffer written by :meth:`save`, RNG state and counters included.
 
         Raises:
-            FileNotFoundError: a file is missing.
+            FileNotFoundError: nothing is committed in ``folder``.
             CorruptFileError: a file is unreadable, fails its checksum, or the two disagree.
         """
-        folder = Path(folder)
-        meta = read_json(folder / _MANIFEST)
-        try:
-            buf = cls._from_manifest(meta)
-        except (KeyError, TypeError, ValueError) as err:
-            raise CorruptFileError(f"{folder / _MANIFEST}: not a replay buffer ({err!r})") from err
-        tensors = load_tensors(folder / _TENSORS, meta["sha256"])
-        buf._restore_slots(meta, tensors, folder / _TENSORS)
+        with read_version(folder) as version:
+            meta = read_json(version / _MANIFEST)
+            try:
+                buf = cls._from_manifest(meta)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CorruptFileError(
+                    f"{version / _MANIFEST}: not a replay buffer ({err!r})"
+                ) from err
+            tensors = load_tensors(version / _TENSORS)
+            buf._restore_slots(meta, tensors, version / _TENSORS)
         return buf
 
     @classmethod

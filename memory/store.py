@@ -1,8 +1,18 @@
 """On-demand expert storage: thousands of experts on disk, a bounded LRU set resident in a bank.
 
-Each expert lives in its own folder under ``root`` in the bank's format (``manifest.json`` +
-``experts.safetensors``, see :mod:`moe_lora.core.storage`), with a catalogue ``store.json`` mapping
-stable integer expert ids (the ids used by :class:`~moe_lora.memory.ExpertIndex`) to names.
+On disk, two kinds of artefact folders of :mod:`moe_lora.core.commit` (each committed atomically,
+locked against concurrent writers, every byte checksummed)::
+
+    root/catalogue/        store.json: {"experts": {"<id>": "<name>"}}, stable integer expert ids
+                           (the ids used by :class:`~moe_lora.memory.ExpertIndex`) to names
+    root/experts/<name>/   one expert in the bank's format (see :mod:`moe_lora.core.storage`)
+
+Names follow :mod:`moe_lora.core.names` (letters, digits, ``-``, ``_``, ``.``), so an expert's
+folder always stays inside ``root/experts``. :meth:`AdapterStore.put` is a read-modify-write of
+the catalogue under its writer lock: several handles (threads or processes) on one root never lose
+an update nor hand out one id twice. Each handle caches the catalogue and reads it again when it
+meets an id or a name it does not know.
+
 :meth:`AdapterStore.ensure` makes a set of experts resident in the bank, loading misses from disk
 and evicting the least recently used unpinned experts until the count and byte bounds hold.
 
@@ -16,6 +26,8 @@ Serving a batch whose samples each need their own experts::
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +36,14 @@ import torch
 from torch import Tensor
 
 from moe_lora.core.bank import ExpertBank
-from moe_lora.core.io import atomic_write_json, read_json
+from moe_lora.core.commit import LockTimeoutError, locked, read_version, update_version
+from moe_lora.core.io import CorruptFileError, read_json
+from moe_lora.core.names import check_expert_name, child_path
 from moe_lora.core.routing import Routing
 
 __all__ = ["AdapterStore", "StoreStats"]
 
-CATALOGUE = "store.json"
+CATALOGUE, CATALOGUE_FILE, EXPERTS = "catalogue", "store.json", "experts"
 
 
 @dataclass
@@ -49,9 +63,12 @@ class AdapterStore:
         bank: the bank that holds the resident experts (its other experts are never evicted).
         max_experts: most store experts resident at once (None: unbounded).
         max_bytes: most bytes of store experts' factors resident at once (None: unbounded).
+        timeout: seconds to wait for another handle's catalogue update before giving up.
 
     Raises:
         ValueError: a bound is not positive.
+        CorruptFileError: the catalogue fails its checks, or ``root`` holds a store of an older
+            format (a top-level ``store.json``).
     """
 
     def __init__(
@@ -60,38 +77,57 @@ class AdapterStore:
         bank: ExpertBank,
         max_experts: int | None = None,
         max_bytes: int | None = None,
+        timeout: float = 60.0,
     ):
         for field_name, value in (("max_experts", max_experts), ("max_bytes", max_bytes)):
             if value is not None and value <= 0:
                 raise ValueError(f"AdapterStore.{field_name} must be positive, got {value}")
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if (self.root / CATALOGUE_FILE).exists():
+            raise CorruptFileError(
+                f"{self.root}: a store of an older moe-lora format (top-level {CATALOGUE_FILE}); "
+                "put its experts into a new store"
+            )
+        (self.root / EXPERTS).mkdir(parents=True, exist_ok=True)
         self.bank = bank
-        self.max_experts, self.max_bytes = max_experts, max_bytes
+        self.max_experts, self.max_bytes, self.timeout = max_experts, max_bytes, timeout
         self.stats = StoreStats()
-        self._names: dict[int, str] = self._read_catalogue()
+        self._names: dict[int, str] = {}
+        try:
+            with locked(self.root / CATALOGUE, timeout=0):  # no put under way: tidy up
+                self._refresh()
+                self._remove_orphans()
+        except LockTimeoutError:
+            self._refresh()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
         self._pinned: set[str] = set()
 
     # ------------------------------------------------------------------ catalogue
-    def _read_catalogue(self) -> dict[int, str]:
-        file = self.root / CATALOGUE
-        if not file.exists():
-            return {}
-        data = read_json(file)
-        return {int(k): v for k, v in data["experts"].items()}
+    def _remove_orphans(self) -> None:
+        """Remove expert folders the catalogue does not list (left by a put that was killed
+        before its catalogue commit). Call with the catalogue's writer lock held."""
+        listed = set(self._names.values())
+        for folder in (self.root / EXPERTS).iterdir():
+            if folder.name not in listed:
+                shutil.rmtree(folder) if folder.is_dir() and not folder.is_symlink() \
+                    else folder.unlink()
 
-    def _write_catalogue(self) -> None:
-        atomic_write_json(
-            self.root / CATALOGUE, {"experts": {str(k): v for k, v in sorted(self._names.items())}}
-        )
+    def _refresh(self) -> None:
+        """Read the committed catalogue again (other handles may have added experts)."""
+        try:
+            with read_version(self.root / CATALOGUE, timeout=self.timeout) as version:
+                self._names = _parse_catalogue(version)
+        except FileNotFoundError:
+            self._names = {}
 
     def __len__(self) -> int:
+        self._refresh()
         return len(self._names)
 
     @property
     def ids(self) -> list[int]:
-        """Expert ids on disk, ascending."""
+        """Expert ids on disk, ascending (read from the catalogue)."""
+        self._refresh()
         return sorted(self._names)
 
     def name_of(self, expert_id: int) -> str:
@@ -101,22 +137,40 @@ class AdapterStore:
             KeyError: unknown id.
         """
         if expert_id not in self._names:
+            self._refresh()
+        if expert_id not in self._names:
             raise KeyError(f"no expert with id {expert_id} in the store at {self.root}")
         return self._names[expert_id]
 
     def put(self, bank: ExpertBank, name: str, expert_id: int | None = None) -> int:
         """Save expert ``name`` of ``bank`` into the store; returns its id (next free by default).
 
+        The catalogue is read, checked and written under its writer lock, the expert's folder
+        written in between: an error leaves the catalogue as it was.
+
         Raises:
-            ValueError: the id or the name is already in the store.
+            ValueError: the id or the name is already in the store, or the name is invalid.
+            KeyError: ``bank`` has no expert ``name``.
+            moe_lora.core.commit.LockTimeoutError: another handle held the catalogue too long.
         """
-        expert_id = max(self._names, default=-1) + 1 if expert_id is None else int(expert_id)
-        if expert_id in self._names or name in self._names.values():
-            raise ValueError(f"store already holds id {expert_id} or name {name!r}")
-        bank.save_expert(name, self.root / name)
-        self._names[expert_id] = name
-        self._write_catalogue()
-        return expert_id
+        folder = child_path(self.root / EXPERTS, name)
+        committed: dict[int, str] = {}
+
+        def update(current: Path | None, tmp: Path) -> None:
+            names = {} if current is None else _parse_catalogue(current)
+            self._names = names
+            self._remove_orphans()
+            eid = max(names, default=-1) + 1 if expert_id is None else int(expert_id)
+            if eid in names or name in names.values():
+                raise ValueError(f"store {self.root} already holds id {eid} or name {name!r}")
+            bank.save_expert(name, folder)
+            committed.update(names)
+            committed[eid] = name
+            _write_catalogue(tmp, committed)
+
+        update_version(self.root / CATALOGUE, update, timeout=self.timeout)
+        self._names = committed
+        return next(i for i, n in committed.items() if n == name)
 
     # ------------------------------------------------------------------ residency
     @property
@@ -150,6 +204,9 @@ class AdapterStore:
         """
         wanted = list(dict.fromkeys(names))
         known = set(self._names.values())
+        if not known.issuperset(wanted):
+            self._refresh()
+            known = set(self._names.values())
         for name in wanted:
             if name not in known:
                 raise KeyError(f"expert {name!r} is not in the store at {self.root}")
@@ -158,7 +215,7 @@ class AdapterStore:
                 self._resident.move_to_end(name)
             else:
                 self.stats.misses += 1
-                self.bank.load_expert(self.root / name, name)
+                self.bank.load_expert(child_path(self.root / EXPERTS, name), name)
                 self.bank.freeze(name)
                 self._resident[name] = self._expert_bytes(name)
         self._evict(keep=set(wanted))
@@ -206,3 +263,24 @@ class AdapterStore:
     def bank_ids(self) -> torch.Tensor:
         """Bank indices of the resident store experts, in residency (LRU) order."""
         return torch.tensor([self.bank.index(n) for n in self._resident], dtype=torch.long)
+
+
+def _parse_catalogue(version: Path) -> dict[int, str]:
+    """``{id: name}`` from a committed catalogue version.
+
+    Raises:
+        CorruptFileError: not a catalogue, a negative id, an invalid or repeated name.
+    """
+    file = version / CATALOGUE_FILE
+    try:
+        names = {int(k): check_expert_name(v) for k, v in read_json(file)["experts"].items()}
+        if any(i < 0 for i in names) or len(set(names.values())) != len(names):
+            raise ValueError("negative id or repeated name")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CorruptFileError(f"{file}: not a store catalogue ({err})") from err
+    return names
+
+
+def _write_catalogue(tmp: Path, names: dict[int, str]) -> None:
+    entries = {str(k): v for k, v in sorted(names.items())}
+    (tmp / CATALOGUE_FILE).write_text(json.dumps({"experts": entries}, indent=2) + "\n")

@@ -212,3 +212,66 @@ def test_file_config_validation(kwargs: dict[str, object], field: str) -> None:
 def test_build_stream_rejects_unknown_config() -> None:
     with pytest.raises(TypeError, match="unsupported config"):
         build_stream(object())  # type: ignore[arg-type]
+
+
+def _csv_text(rows: list[dict[str, object]]) -> str:
+    return "text,label,task\n" + "".join(f"{r['text']},{r['label']},{r['task']}\n" for r in rows)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_file_stream_names_file_line_and_column_of_bad_utf8(tmp_path: Path, suffix: str) -> None:
+    rows = _toy_rows(8)
+    text = _csv_text(rows) if suffix == "csv" else "".join(json.dumps(r) + "\n" for r in rows)
+    data = text.encode().replace(b"example 3", b"exam\xe9le 3")  # Latin-1, not UTF-8
+    path = tmp_path / f"d.{suffix}"
+    path.write_bytes(data)
+    line = 5 if suffix == "csv" else 4
+    with pytest.raises(ValueError, match=rf"d\.{suffix}:{line}: not valid UTF-8 \(byte 0xe9 at column"):
+        build_stream(FileStreamConfig(str(path)))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_file_stream_accepts_a_utf8_bom(tmp_path: Path, suffix: str) -> None:
+    rows = _toy_rows()
+    text = _csv_text(rows) if suffix == "csv" else "".join(json.dumps(r) + "\n" for r in rows)
+    path = tmp_path / f"d.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    stream = build_stream(FileStreamConfig(str(path)))
+    assert sum(len(t.train) + len(t.val) + len(t.test) for t in stream) == 60
+
+
+def test_file_stream_long_csv_fields_work_up_to_the_maximum(tmp_path: Path) -> None:
+    rows = _toy_rows()
+    rows[0]["text"] = "w" * 150_000  # over the csv module's default 128 KiB field limit
+    path = tmp_path / "d.csv"
+    path.write_text(_csv_text(rows))
+    stream = build_stream(FileStreamConfig(str(path), max_text_length=200_000))
+    assert max(len(x) for t in stream for x in t.train.inputs + t.test.inputs + t.val.inputs) \
+        == 150_000
+    with pytest.raises(ValueError, match=r"d\.csv:2: .*max_text_length=100000"):
+        build_stream(FileStreamConfig(str(path), max_text_length=100_000))
+
+
+def test_file_stream_refuses_texts_over_the_maximum(tmp_path: Path) -> None:
+    rows = _toy_rows()
+    rows[2]["text"] = "w" * 101
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: column 'text' has 101 characters, more "
+                                         r"than FileStreamConfig\.max_text_length=100"):
+        build_stream(FileStreamConfig(str(path), max_text_length=100))
+
+
+def test_a_huge_jsonl_line_is_refused_before_it_is_read_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    rows = _toy_rows()
+    rows[1]["text"] = "w" * 20_000_000
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"d\.jsonl:2: line longer than 71536 bytes"):
+            build_stream(FileStreamConfig(str(path), max_text_length=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from storage_helpers import edit_json, recommit, version_dir
 
 from moe_lora.core.io import CorruptFileError
 from moe_lora.memory import Embedder, EmbedderConfig, ExpertIndex, IndexConfig, IndexMismatchError
@@ -206,7 +206,7 @@ def saved(tmp_path) -> Path:
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupted_index_file_is_refused(saved, damage):
-    path = saved / "index.faiss"
+    path = version_dir(saved) / "index.faiss"
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -218,24 +218,33 @@ def test_corrupted_index_file_is_refused(saved, damage):
 
 
 def test_corrupted_keys_or_manifest_are_refused(saved):
-    keys = saved / "keys.safetensors"
+    keys = version_dir(saved) / "keys.safetensors"
     keys.write_bytes(keys.read_bytes()[:-7])
     with pytest.raises(CorruptFileError, match=r"keys\.safetensors: checksum mismatch"):
         ExpertIndex.load(saved)
-    (saved / "index.json").write_text("{not json")
-    with pytest.raises(CorruptFileError, match=r"index\.json: not valid JSON"):
+    (version_dir(saved) / "index.json").write_text("{not json")
+    with pytest.raises(CorruptFileError, match=r"index\.json: checksum mismatch"):
         ExpertIndex.load(saved)
 
 
 def edit_manifest(folder: Path, edit) -> None:
-    manifest = json.loads((folder / "index.json").read_text())
-    edit(manifest)
-    (folder / "index.json").write_text(json.dumps(manifest))
+    """Commit a version whose index.json is edited (checksums fine, contents disagree)."""
+    recommit(folder, lambda tmp: edit_json(tmp / "index.json", edit))
 
 
 def test_manifest_dimension_mismatch_is_refused(saved):
     edit_manifest(saved, lambda m: m["config"].update(dim=DIM + 1))
     with pytest.raises(IndexMismatchError, match=r"index\.faiss.*dimension differs.*d=16.*dim=17"):
+        ExpertIndex.load(saved)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("metric", "l2", r"metric differs \(index\.faiss 'ip', manifest config\.metric 'l2'\)"),
+    ("kind", "hnsw", r"backend differs \(index\.faiss IndexFlatIP, manifest config\.kind"),
+])
+def test_manifest_metric_or_backend_mismatch_is_refused(saved, field, value, message):
+    edit_manifest(saved, lambda m: m["config"].update({field: value}))
+    with pytest.raises(IndexMismatchError, match=message):
         ExpertIndex.load(saved)
 
 
@@ -256,9 +265,8 @@ def test_index_with_other_ids_is_refused(tmp_path, saved):
     experts = random_experts(14)
     experts[99] = experts.pop(42)  # same vector count, one id differs
     build(experts, mode="exemplar").save(tmp_path / "other")
-    (saved / "index.faiss").write_bytes((tmp_path / "other" / "index.faiss").read_bytes())
-    other_sha = json.loads((tmp_path / "other" / "index.json").read_text())["sha256"]["index.faiss"]
-    edit_manifest(saved, lambda m: m["sha256"].update({"index.faiss": other_sha}))
+    other = (version_dir(tmp_path / "other") / "index.faiss").read_bytes()
+    recommit(saved, lambda tmp: (tmp / "index.faiss").write_bytes(other))
     with pytest.raises(
         IndexMismatchError, match=r"ids differ.*only in index\.faiss: \[99\].*\[42\]"
     ):

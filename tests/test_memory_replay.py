@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from storage_helpers import recommit, version_dir
 
 from moe_lora.core.io import CorruptFileError
 from moe_lora.memory import ReplayBuffer, ReplayConfig, mixed_loader
@@ -145,13 +146,13 @@ def test_schema_changes_are_refused():
 
 def test_corrupted_files_are_refused(tmp_path: Path):
     filled_buffer().save(tmp_path)
-    tensors = tmp_path / "replay.safetensors"
+    tensors = version_dir(tmp_path) / "replay.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-3] ^= 0xFF
     tensors.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match="checksum mismatch"):
+    with pytest.raises(CorruptFileError, match="replay.safetensors: checksum mismatch"):
         ReplayBuffer.load(tmp_path)
-    (tmp_path / "replay.json").write_text('{"format": "something else"}')
+    recommit(tmp_path, lambda tmp: (tmp / "replay.json").write_text('{"format": "other"}'))
     with pytest.raises(CorruptFileError, match="not a replay buffer"):
         ReplayBuffer.load(tmp_path)
 

@@ -92,3 +92,41 @@ def test_catalogue_survives_reopen(source):
     assert [reopened.name_of(i) for i in reopened.ids] == [f"e{i}" for i in range(6)]
     with pytest.raises(ValueError, match="already holds"):
         reopened.put(source[0], "e1")
+
+
+def test_two_handles_interleaved_keep_every_expert_and_distinct_ids(tmp_path):
+    bank = ExpertBank(_base(), targets="all-linear")
+    first, second = AdapterStore(tmp_path, bank), AdapterStore(tmp_path, bank)
+    for i in range(10):
+        bank.add_expert(f"e{i}", ExpertConfig(rank=2, init="random"), trainable=False)
+        (first if i % 2 else second).put(bank, f"e{i}")
+    assert first.ids == second.ids == list(range(10))
+    assert sorted(first.name_of(i) for i in range(10)) == [f"e{i}" for i in range(10)]
+    serving = AdapterStore(tmp_path, _serving_bank())
+    assert serving.ensure(["e3", "e4"]) == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", "", "x" * 129, "é", "a b"])
+def test_unsafe_expert_names_are_refused(tmp_path, name):
+    bank = ExpertBank(_base(), targets="all-linear")
+    with pytest.raises(ValueError, match="invalid expert name"):
+        bank.add_expert(name)
+    store = AdapterStore(tmp_path / "store", bank)
+    with pytest.raises(ValueError, match="invalid expert name"):
+        store.put(bank, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_names_that_were_store_files_are_ordinary_experts(tmp_path):
+    bank = ExpertBank(_base(), targets="all-linear")
+    store = AdapterStore(tmp_path, bank)
+    for name in ["store.json", "manifest.json", "CURRENT", ".lock", "catalogue"]:
+        bank.add_expert(name, ExpertConfig(rank=2, init="random"), trainable=False)
+        store.put(bank, name)
+    again = AdapterStore(tmp_path, _serving_bank())
+    assert [again.name_of(i) for i in again.ids] == [
+        "store.json", "manifest.json", "CURRENT", ".lock", "catalogue"]
+    again.ensure(["store.json", ".lock"])
+    for name in ["store.json", ".lock"]:
+        for key, t in bank.expert_state(name).items():
+            assert torch.equal(again.bank.expert_state(name)[key], t)

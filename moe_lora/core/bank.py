@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from moe_lora.core.config import ExpertConfig
-from moe_lora.core.io import CorruptFileError, sha256_bytes
+from moe_lora.core.identity import base_fingerprint, check_base, layer_shapes
+from moe_lora.core.io import CorruptFileError
 from moe_lora.core.layers import LoRALayer, RoutingContext
-from moe_lora.core.routing import Routing
-from moe_lora.core.storage import read_bank_tensors, read_manifest, write_bank
+from moe_lora.core.names import check_expert_name
+from moe_lora.core.routing import Routing, check_routing_values
+from moe_lora.core.storage import read_bank, read_manifest, write_bank
 from moe_lora.core.targets import resolve_targets
 
 __all__ = ["ExpertBank", "ExpertInfo"]
@@ -80,15 +82,17 @@ class ExpertBank(nn.Module):
 
     Raises:
         ValueError: ``targets`` select nothing or an unsupported module (lists what exists).
+
+    :meth:`unload` gives the original model back.
     """
 
     def __init__(
         self, model: nn.Module, targets: str | Sequence[str] = "auto", base_id: str | None = None
     ):
         super().__init__()
-        if any(isinstance(m, LoRALayer) for m in model.modules()):
-            raise ValueError("model already carries LoRA layers; wrap the original model once")
+        _refuse_wrapped(model)
         self.model = model
+        self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         self.base_id = base_id or type(model).__name__
         self.ctx = RoutingContext()
@@ -100,6 +104,7 @@ class ExpertBank(nn.Module):
         self._experts: list[ExpertInfo] = []
         self._positions: dict[str, int] = {}  # name -> bank index, rebuilt on every change
         self._merged: dict[str, float] | None = None
+        self._unloaded = False
 
     # ------------------------------------------------------------------ experts
     @property
@@ -145,10 +150,11 @@ class ExpertBank(nn.Module):
         """Add an expert to every LoRA layer and return its bank index.
 
         Raises:
-            ValueError: the name is taken or invalid.
+            ValueError: the name is taken or invalid (see :mod:`moe_lora.core.names`: letters,
+                digits, ``-``, ``_``, ``.``; not ``.`` or ``..``; at most 128 characters).
+            RuntimeError: the bank is merged or unloaded.
         """
-        if not name or "/" in name or name != name.strip():
-            raise ValueError(f"expert name must be non-empty, without '/' or edge spaces: {name!r}")
+        check_expert_name(name)
         if name in self._positions:
             raise ValueError(f"an expert named {name!r} already exists")
         self._refuse_if_merged("add_expert")
@@ -162,12 +168,17 @@ class ExpertBank(nn.Module):
         return len(self._experts) - 1
 
     def remove_expert(self, name: str) -> None:
-        """Remove expert ``name``; the indices of later experts shift down by one."""
+        """Remove expert ``name``; the indices of later experts shift down by one.
+
+        The routing in force (and any routing :meth:`use` restores later) was made for the old
+        indices: a forward under it raises until a routing is set again.
+        """
         self._refuse_if_merged("remove_expert")
         i = self.index(name)
         for layer in self.layers.values():
             layer.remove(i)
         del self._experts[i]
+        self.ctx.layout += 1
         self._changed()
 
     def freeze(self, name: str | None = None) -> None:
@@ -232,52 +243,55 @@ class ExpertBank(nn.Module):
 
     # ------------------------------------------------------------------ routing
     def _check(self, routing: Routing) -> Routing:
-        n = len(self)
+        """``routing`` if its experts exist in this bank (one host sync for index tensors).
+
+        Raises:
+            RuntimeError: the bank is merged or unloaded and the routing names experts.
+            IndexError / ValueError: see :func:`moe_lora.core.routing.check_routing_values`.
+        """
         if routing.kind in ("base", "gated"):
             return routing
+        self._refuse_if_unloaded("route to experts")
         if self._merged is not None:
             raise RuntimeError("the bank is merged; call unmerge() before routing to experts")
-        if routing.kind == "single":
-            if not 0 <= int(routing.expert or 0) < n:
-                raise IndexError(f"expert index {routing.expert} out of range for {n} experts")
-        elif routing.kind == "dense":
-            assert routing.weights is not None
-            if routing.weights.shape[-1] != n:
-                raise ValueError(
-                    f"dense routing weights have {routing.weights.shape[-1]} columns, "
-                    f"the bank has {n} experts"
-                )
-        else:
-            assert routing.indices is not None
-            if routing.indices.numel() and int(routing.indices.max()) >= n:
-                raise IndexError(
-                    f"routing index {int(routing.indices.max())} out of range for {n} experts"
-                )
+        check_routing_values(routing, len(self))
         return routing
 
     def as_routing(self, spec: Routing | str | int | None) -> Routing:
-        """Normalise a routing spec: a :class:`Routing`, an expert name or index, or None (base)."""
+        """Normalise a routing spec: a :class:`Routing`, an expert name or index, or None (base).
+
+        Raises:
+            KeyError: an unknown expert name.
+            ValueError: an index that is not an integer.
+        """
         if spec is None:
             return Routing.base()
         if isinstance(spec, str):
             return Routing.single(self.index(spec))
-        if isinstance(spec, int):
-            return Routing.single(spec)
-        return spec
+        if isinstance(spec, Routing):
+            return spec
+        return Routing.single(spec)
 
     @contextlib.contextmanager
     def use(self, routing: Routing | str | int | None) -> Iterator[ExpertBank]:
         """Route the forwards inside the ``with`` block by ``routing``; restores the previous one."""
-        previous = self.ctx.routing
-        self.ctx.routing = self._check(self.as_routing(routing))
+        previous = self.ctx.routing, self.ctx.routing_layout
+        self.set_routing(routing)
         try:
             yield self
         finally:
-            self.ctx.routing = previous
+            self.ctx.routing, self.ctx.routing_layout = previous
 
     def set_routing(self, routing: Routing | str | int | None) -> None:
-        """Set the routing for subsequent forwards (prefer :meth:`use`)."""
+        """Set the routing for subsequent forwards (prefer :meth:`use`).
+
+        Raises:
+            IndexError / ValueError: an expert index is out of range or not an integer, dense
+                weights have a column count other than the number of experts.
+            RuntimeError: the bank is merged or unloaded.
+        """
         self.ctx.routing = self._check(self.as_routing(routing))
+        self.ctx.routing_layout = self.ctx.layout
 
     @property
     def routing(self) -> Routing:
@@ -338,8 +352,13 @@ class ExpertBank(nn.Module):
         return None if self._merged is None else dict(self._merged)
 
     def _refuse_if_merged(self, what: str) -> None:
+        self._refuse_if_unloaded(what)
         if self._merged is not None:
             raise RuntimeError(f"cannot {what} while merged; call unmerge() first")
+
+    def _refuse_if_unloaded(self, what: str) -> None:
+        if self._unloaded:
+            raise RuntimeError(f"cannot {what}: the bank was unloaded (unload())")
 
     def clear_cache(self) -> None:
         """Free every layer's cached frozen stack."""
@@ -347,19 +366,23 @@ class ExpertBank(nn.Module):
             layer.clear_cache()
 
     # ------------------------------------------------------------------ storage
+    def _base_modules(self) -> dict[str, nn.Module]:
+        return {p: layer.base for p, layer in self.layers.items()}
+
     def base_fingerprint(self) -> str:
-        """SHA-256 over the first two target layers' base weights (identifies the pretrained base)."""
-        parts = []
-        for layer in list(self.layers.values())[:2]:
-            w = layer.base.weight.detach().to("cpu", torch.float32).contiguous()
-            parts.append(w.numpy().tobytes())
-        return sha256_bytes(b"".join(parts))
+        """SHA-256 of the base architecture and of every target layer's weight and bias (see
+        :mod:`moe_lora.core.identity`); identifies the pretrained base a saved bank belongs to."""
+        return base_fingerprint(self.model, self._base_modules())
 
     def save(self, path: str | Path, names: Sequence[str] | None = None) -> Path:
-        """Save experts (all, or ``names``) to folder ``path``; see :mod:`moe_lora.core.storage`.
+        """Save experts (all, or ``names``) as one new committed version of folder ``path``
+        (see :mod:`moe_lora.core.storage`); returns ``path``.
 
         Raises:
-            RuntimeError: the bank is merged (the base weights would not identify the base model).
+            RuntimeError: the bank is merged (the base weights would not identify the base model)
+                or unloaded.
+            KeyError: a name is not in the bank.
+            moe_lora.core.commit.LockTimeoutError: another process kept the folder locked.
         """
         self._refuse_if_merged("save")
         chosen = list(self.names if names is None else names)
@@ -371,84 +394,63 @@ class ExpertBank(nn.Module):
         manifest = {
             "base": {"id": self.base_id, "class": type(self.model).__name__,
                      "fingerprint": self.base_fingerprint()},
-            "layers": {p: {"in": la.in_features, "out": la.out_features}
-                       for p, la in self.layers.items()},
+            "layers": layer_shapes(self._base_modules()),
             "experts": [self.info(n).to_json() for n in chosen],
         }
-        return write_bank(Path(path), manifest, tensors)
+        return write_bank(path, manifest, tensors)
 
     def save_expert(self, name: str, path: str | Path) -> Path:
         """Save one expert to folder ``path`` (the bank format with a single expert)."""
         return self.save(path, [name])
-
-    def _check_saved_base(self, manifest: dict[str, Any], folder: Path, strict: bool) -> None:
-        saved = manifest["layers"]
-        if set(saved) != set(self.layers):
-            raise ValueError(
-                f"{folder}: saved for layers {sorted(saved)[:3]}... ({len(saved)}), but this bank "
-                f"wraps {sorted(self.layers)[:3]}... ({len(self.layers)})"
-            )
-        for p, shape in saved.items():
-            layer = self.layers[p]
-            if (shape["in"], shape["out"]) != (layer.in_features, layer.out_features):
-                raise ValueError(
-                    f"{folder}: layer {p} was [in={shape['in']}, out={shape['out']}] when saved, "
-                    f"the model has [in={layer.in_features}, out={layer.out_features}]"
-                )
-        base = manifest["base"]
-        if strict and base["fingerprint"] != self.base_fingerprint():
-            raise ValueError(
-                f"{folder}: saved for base model {base['id']!r} ({base['class']}), whose weights "
-                f"differ from this model's; pass strict_base=False to load anyway"
-            )
 
     def load_experts(
         self, path: str | Path, names: Sequence[str] | None = None, *, strict_base: bool = True
     ) -> list[int]:
         """Add the experts saved in folder ``path`` (all, or ``names``); returns their indices.
 
+        All or nothing: everything is read and checked first, and on any error the bank is left
+        as it was.
+
         Raises:
             FileNotFoundError / CorruptFileError: missing, truncated or modified files.
             ValueError: base model, layer or tensor shapes disagree; a name is missing or taken.
+            RuntimeError: the bank is merged or unloaded.
         """
+        self._refuse_if_merged("load experts")
         folder = Path(path)
-        manifest = read_manifest(folder)
-        self._check_saved_base(manifest, folder, strict_base)
-        infos = [ExpertInfo.from_json(d) for d in manifest["experts"]]
-        available = [i.name for i in infos]
-        wanted = available if names is None else list(names)
-        for n in wanted:
-            if n not in available:
-                raise ValueError(f"{folder}: no expert {n!r}; it holds {available}")
-        tensors = read_bank_tensors(folder, manifest)
-        return [self._add_saved(info, tensors, folder) for info in infos if info.name in wanted]
+        manifest, states = read_bank(folder)
+        check_base(manifest, self.model, self._base_modules(), folder, strict_base)
+        return self._add_saved(_saved_experts(manifest, states, folder, names), folder)
 
-    def _add_saved(self, info: ExpertInfo, tensors: dict[str, Tensor], folder: Path) -> int:
-        idx = self.add_expert(info.name, info.config, task=info.task, trainable=info.trainable,
-                              meta=info.meta)
-        state = {}
-        for layer_path in self.layers:
-            for which in ("lora_A", "lora_B"):
-                key = f"{info.name}/{layer_path}/{which}"
-                if key not in tensors:
-                    self.remove_expert(info.name)
-                    raise CorruptFileError(f"{folder}: tensor {key!r} missing from the bank file")
-                state[f"{layer_path}.{which}"] = tensors[key]
+    def _add_saved(self, saved: list[_Saved], folder: Path) -> list[int]:
+        taken = [info.name for info, _ in saved if info.name in self]
+        if taken:
+            raise ValueError(f"{folder}: the bank already has expert(s) named {taken}")
+        added: list[str] = []
         try:
-            self.set_expert_state(info.name, state)
-        except ValueError:
-            self.remove_expert(info.name)
+            for info, state in saved:
+                self.add_expert(info.name, info.config, task=info.task, trainable=info.trainable,
+                                meta=info.meta)
+                added.append(info.name)
+                self.set_expert_state(info.name, state)
+                now = self.info(info.name)
+                now.created, now.trained_steps = info.created, info.trained_steps
+        except BaseException:
+            for name in reversed(added):
+                self.remove_expert(name)
             raise
-        saved = self.info(info.name)
-        saved.created, saved.trained_steps = info.created, info.trained_steps
-        return idx
+        return [self.index(info.name) for info, _ in saved]
 
     def load_expert(self, path: str | Path, name: str | None = None) -> int:
-        """Add one saved expert (the folder's only one, or ``name``); returns its index."""
-        ids = self.load_experts(path, None if name is None else [name])
-        if len(ids) != 1:
-            raise ValueError(f"{path}: holds {len(ids)} experts; pass name= to pick one")
-        return ids[0]
+        """Add one saved expert (the folder's only one, or ``name``); returns its index.
+
+        Raises:
+            ValueError: the folder holds several experts and ``name`` is None; as
+                :meth:`load_experts`.
+        """
+        if name is None and len(read_manifest(path)["experts"]) != 1:
+            raise ValueError(f"{path}: holds several experts; pass name= to pick one")
+        return self.load_experts(path, None if name is None else [name])[0]
 
     @classmethod
     def load(
@@ -456,11 +458,76 @@ class ExpertBank(nn.Module):
     ) -> ExpertBank:
         """Wrap ``model`` with the targets saved in ``path`` and load all its experts.
 
+        Files, base identity and tensor shapes are all checked before ``model`` is touched; if
+        loading fails after that, the model is unwrapped again (:meth:`unload`).
+
         Raises:
-            ValueError: the base model differs from the one the bank was saved with.
-            moe_lora.io.CorruptFileError: a file is truncated, modified or unparsable.
+            ValueError: the base model differs from the one the bank was saved with, or it
+                already carries LoRA layers.
+            FileNotFoundError / CorruptFileError: a file is missing, truncated, modified or
+                unparsable.
         """
-        manifest = read_manifest(path)
-        bank = cls(model, targets=list(manifest["layers"]), base_id=manifest["base"]["id"])
-        bank.load_experts(path, strict_base=strict_base)
+        _refuse_wrapped(model)
+        folder = Path(path)
+        manifest, states = read_bank(folder)
+        targets = list(manifest["layers"])
+        modules = {p: model.get_submodule(p) for p in resolve_targets(model, targets)}
+        check_base(manifest, model, modules, folder, strict_base)
+        saved = _saved_experts(manifest, states, folder, None)
+        bank = cls(model, targets=targets, base_id=str(manifest["base"].get("id")))
+        try:
+            bank._add_saved(saved, folder)
+        except BaseException:
+            bank.unload()
+            raise
         return bank
+
+    def unload(self) -> nn.Module:
+        """Give the original model back and empty the bank, which cannot be used afterwards.
+
+        Every target module is put back in place of its LoRA layer, a merged update is
+        subtracted from the base weights (up to rounding) and the parameters' ``requires_grad``
+        flags are restored as they were before wrapping.
+
+        Raises:
+            RuntimeError: the bank was already unloaded.
+        """
+        self._refuse_if_unloaded("unload")
+        self.unmerge()
+        for path, layer in self.layers.items():
+            _set_submodule(self.model, path, layer.base)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._grad_flags.get(n, False))
+        self.layers, self._experts, self._unloaded = {}, [], True
+        self.ctx.layout += 1
+        self._changed()
+        return self.model
+
+
+_Saved = tuple[ExpertInfo, dict[str, Tensor]]
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    if any(isinstance(m, LoRALayer) for m in model.modules()):
+        raise ValueError("model already carries LoRA layers; wrap the original model once")
+
+
+def _saved_experts(
+    manifest: dict[str, Any], states: dict[str, dict[str, Tensor]], folder: Path,
+    names: Sequence[str] | None,
+) -> list[_Saved]:
+    """The wanted experts' infos and factors (all when ``names`` is None), in saved order.
+
+    Raises:
+        ValueError: a name in ``names`` is not saved in the folder.
+        CorruptFileError: an expert entry does not make an :class:`ExpertInfo`.
+    """
+    missing = [n for n in names or [] if n not in states]
+    if missing:
+        raise ValueError(f"{folder}: no expert(s) {missing}; it holds {list(states)}")
+    try:
+        infos = [ExpertInfo.from_json(d) for d in manifest["experts"]]
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"{folder}: malformed expert entry in the manifest ({err})") from err
+    wanted = set(states if names is None else names)
+    return [(i, states[i.name]) for i in infos if i.name in wanted]

@@ -45,6 +45,9 @@ class RoutingContext:
     Attributes:
         routing: what applies to the next forward.
         version: bumped on every change of the bank's experts (invalidates frozen stacks).
+        layout: bumped whenever bank indices shift (an expert removed).
+        routing_layout: the ``layout`` that ``routing`` was checked against; a forward under a
+            routing that names experts raises when it differs from ``layout``.
         aux_losses: auxiliary losses reported by layer gates since the last pop.
         last_probs: each gated layer's last gate probabilities [N, E] (detached), for inspection.
         record: keep ``last_probs`` (off by default; it costs a copy per layer).
@@ -52,6 +55,8 @@ class RoutingContext:
 
     routing: Routing = field(default_factory=Routing.base)
     version: int = 0
+    layout: int = 0
+    routing_layout: int = 0
     aux_losses: list[Tensor] = field(default_factory=list)
     last_probs: dict[str, Tensor] = field(default_factory=dict)
     record: bool = False
@@ -77,6 +82,36 @@ def base_weight_shape(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     w = module.weight  # Conv1D stores [in, out]
     return int(w.shape[1]), int(w.shape[0])
+
+
+def _check_fits(path: str, routing: Routing, x: Tensor, n_experts: int) -> None:
+    """Check a ``sample``/``dense``/``token`` routing's shape against the layer input ``x``
+    [B, in] / [B, T, in]: a few integer comparisons, no host sync.
+
+    Raises:
+        ValueError: names the routing's shape and the shape expected from ``x``.
+    """
+    t = routing.indices if routing.indices is not None else routing.weights
+    assert t is not None
+    dense = routing.kind == "dense"
+    if t.dim() == 2:  # sample [B, k], dense [B, E]
+        fits = t.shape[0] == x.shape[0] and (not dense or t.shape[1] == n_experts)
+    else:  # token [B, T, k], dense [B, T, E]
+        fits = (x.dim() == 3 and t.shape[:2] == x.shape[:2]
+                and (not dense or t.shape[2] == n_experts))
+    if fits:
+        return
+    shape = tuple(t.shape)
+    if t.dim() == 3 and x.dim() != 3:
+        raise ValueError(
+            f"{path}: {routing.kind} routing of shape {shape} is per token, but the input "
+            f"{tuple(x.shape)} has no token axis (expected [B, T, in])"
+        )
+    expected = (*x.shape[: t.dim() - 1], n_experts if dense else shape[-1])
+    raise ValueError(
+        f"{path}: {routing.kind} routing of shape {shape} does not fit the input "
+        f"{tuple(x.shape)}; expected {expected}"
+    )
 
 
 class LoRAFactors(nn.Module):
@@ -178,19 +213,37 @@ class LoRALayer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        """``base(x)`` plus the experts the context's routing selects (see the module docstring).
+
+        Raises:
+            RuntimeError: the routing was set before an expert was removed from the bank.
+            ValueError: the routing does not fit ``x`` (see :meth:`apply_routing`).
+        """
         y = self.base(x)
-        routing = self.ctx.routing
-        if routing.kind == "base" or len(self.experts) == 0:
+        ctx = self.ctx
+        routing = ctx.routing
+        if routing.kind == "base":
             return y
         if routing.kind == "gated":
-            return self._gated(x, y)
+            return self._gated(x, y) if len(self.experts) else y
+        if ctx.routing_layout != ctx.layout:
+            raise RuntimeError(
+                f"{self.path}: the routing was set before an expert was removed from the bank, so "
+                "its indices name other experts now; set the routing again (bank.use)"
+            )
         return self.apply_routing(x, y, routing)
 
     def apply_routing(self, x: Tensor, y: Tensor, routing: Routing) -> Tensor:
-        """``y + sum_e w_e delta_e(x)`` for ``routing`` (``y`` is the base output)."""
+        """``y + sum_e w_e delta_e(x)`` for ``routing`` (``y`` is the base output).
+
+        Raises:
+            ValueError: the routing's batch size (and token count) differ from ``x``'s
+                ``[B, (T,) in]``, or dense weights do not have one column per expert.
+        """
         if routing.kind == "single":
             assert routing.expert is not None
             return self._single(x, y, routing.expert)
+        _check_fits(self.path, routing, x, len(self.experts))
         assert routing.weights is not None
         if routing.kind == "dense":
             return self._dense(x, y, routing.weights)
@@ -267,8 +320,6 @@ class LoRALayer(nn.Module):
 
     def _sample(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         bsz, k = indices.shape
-        if x.shape[0] != bsz:
-            raise ValueError(f"{self.path}: routing has {bsz} samples but the input has {x.shape[0]}")
         weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
         uniq, inv = torch.unique(indices, return_inverse=True)
@@ -300,10 +351,6 @@ class LoRALayer(nn.Module):
 
     def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
         n_exp = len(self.experts)
-        if weights.shape[-1] != n_exp:
-            raise ValueError(
-                f"{self.path}: dense weights have {weights.shape[-1]} experts, the bank has {n_exp}"
-            )
         nonzero = weights != 0
         used = nonzero.reshape(-1, n_exp).any(0).nonzero().squeeze(1)
         if used.numel() == 0:
@@ -325,11 +372,6 @@ class LoRALayer(nn.Module):
         return out.reshape(y.shape)
 
     def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        if indices.shape[:2] != x.shape[:2]:
-            raise ValueError(
-                f"{self.path}: per-token routing {tuple(indices.shape[:2])} does not match the "
-                f"input's [B, T] = {tuple(x.shape[:2])}"
-            )
         k = indices.shape[-1]
         flat_e = indices.reshape(-1)
         flat_w = weights.reshape(-1).to(x.dtype)

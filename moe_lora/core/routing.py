@@ -17,6 +17,12 @@ kind               tensors                     meaning
 ``gated``          none                        each LoRA layer's attached gate decides
 =================  ==========================  ================================================
 
+Indices are integer tensors; ``-1`` (and only ``-1``) means "no expert" in a slot. Weights are
+floating tensors. A routing is checked three times, each check as cheap as it can be: its shapes
+and dtypes when it is built (:class:`Routing`), its index values once when the bank takes it
+(:func:`check_routing_values`, one host sync), and its batch size and token count against the
+input of every LoRA layer at every forward (shape comparisons only).
+
 Routers (``moe_lora.routers``) produce a :class:`RouterOutput`; sample-level routers are called once
 per batch and their output is turned into a :class:`Routing` with :meth:`Routing.from_output`;
 layer-level gates (MoLE, top-k) run inside each LoRA layer and implement :class:`LayerGate`.
@@ -25,6 +31,7 @@ The core only knows these protocols; it never imports a concrete router.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "Routing",
+    "check_routing_values",
     "RouterInput",
     "RouterOutput",
     "Router",
@@ -45,17 +53,35 @@ __all__ = [
 ]
 
 
+_KINDS = ("base", "gated", "single", "sample", "dense", "token")
+
+
 @dataclass(frozen=True)
 class Routing:
     """Which experts act on the next forward, and with what weight (see the module docstring).
 
     Build one with the classmethods rather than the constructor.
+
+    Raises:
+        ValueError: an unknown kind, a missing tensor, a float or bool index tensor, integer
+            weights, or shapes that disagree (names the shapes).
     """
 
     kind: str = "base"
     expert: int | None = None
     indices: Tensor | None = None
     weights: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown routing kind {self.kind!r}; one of {_KINDS}")
+        if self.kind == "single" and type(self.expert) is not int:
+            raise ValueError(f"single routing needs an int expert index, got {self.expert!r}")
+        ndim = {"sample": 2, "token": 3}.get(self.kind)
+        if ndim is not None:
+            _check_sparse(self.kind, self.indices, self.weights, ndim)
+        if self.kind == "dense":
+            _check_weights("dense", self.weights, (2, 3))
 
     @classmethod
     def base(cls) -> Routing:
@@ -69,45 +95,53 @@ class Routing:
 
     @classmethod
     def single(cls, expert: int) -> Routing:
-        """Expert ``expert`` (bank index) acts on the whole batch with weight 1."""
+        """Expert ``expert`` (bank index) acts on the whole batch with weight 1.
+
+        Raises:
+            ValueError: ``expert`` is not an integer (a float such as ``1.0`` included); a Python,
+                numpy or one-element integer tensor index is fine.
+        """
+        integral = isinstance(expert, numbers.Integral) and not isinstance(expert, bool)
+        if isinstance(expert, Tensor) and expert.numel() == 1 and not expert.is_floating_point():
+            integral = expert.dtype != torch.bool
+        if not integral:
+            raise ValueError(f"single routing needs an integer expert index, got {expert!r}")
         return cls("single", expert=int(expert))
 
     @classmethod
     def per_sample(cls, indices: Tensor, weights: Tensor | None = None) -> Routing:
-        """Per-sample experts: ``indices`` [B] or [B, k] (long), ``weights`` [B, k] (default 1).
+        """Per-sample experts: ``indices`` [B] or [B, k] (integer; -1 = none), ``weights`` [B] or
+        [B, k] (floating; default 1).
 
         Raises:
-            ValueError: shapes disagree.
+            ValueError: shapes disagree, or a dtype is wrong (see :class:`Routing`).
         """
         if indices.dim() == 1:
             indices = indices[:, None]
-        if indices.dim() != 2:
-            raise ValueError(f"per-sample indices must be [B] or [B, k], got {tuple(indices.shape)}")
         if weights is None:
             weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
         elif weights.dim() == 1:
             weights = weights[:, None]
-        if weights.shape != indices.shape:
-            raise ValueError(
-                f"per-sample weights {tuple(weights.shape)} must match indices {tuple(indices.shape)}"
-            )
+        _check_sparse("sample", indices, weights, 2)
         return cls("sample", indices=indices.long(), weights=weights)
 
     @classmethod
     def dense(cls, weights: Tensor) -> Routing:
-        """A weight for every expert: ``weights`` [B, E] (per sample) or [B, T, E] (per token)."""
-        if weights.dim() not in (2, 3):
-            raise ValueError(f"dense weights must be [B, E] or [B, T, E], got {tuple(weights.shape)}")
+        """A weight for every expert: ``weights`` [B, E] (per sample) or [B, T, E] (per token).
+
+        Raises:
+            ValueError: another rank, or not a floating tensor.
+        """
         return cls("dense", weights=weights)
 
     @classmethod
     def per_token(cls, indices: Tensor, weights: Tensor) -> Routing:
-        """Top-k per token: ``indices`` and ``weights`` both [B, T, k]."""
-        if indices.dim() != 3 or weights.shape != indices.shape:
-            raise ValueError(
-                "per-token routing needs indices and weights of the same shape [B, T, k], got "
-                f"{tuple(indices.shape)} and {tuple(weights.shape)}"
-            )
+        """Top-k per token: ``indices`` (integer; -1 = none) and ``weights`` both [B, T, k].
+
+        Raises:
+            ValueError: shapes disagree, or a dtype is wrong (see :class:`Routing`).
+        """
+        _check_sparse("token", indices, weights, 3)
         return cls("token", indices=indices.long(), weights=weights)
 
     @classmethod
@@ -156,6 +190,67 @@ class Routing:
         """B for the kinds that fix it, else None."""
         t = self.indices if self.indices is not None else self.weights
         return None if t is None else int(t.shape[0])
+
+
+_SPARSE_SHAPES = {2: "[B, k]", 3: "[B, T, k]"}
+
+
+def _check_weights(kind: str, weights: Tensor | None, ndims: tuple[int, ...]) -> None:
+    shapes = {2: "[B, E]", 3: "[B, T, E]"} if kind == "dense" else _SPARSE_SHAPES
+    expected = " or ".join(shapes[n] for n in ndims)
+    if weights is None or weights.dim() not in ndims:
+        got = None if weights is None else tuple(weights.shape)
+        raise ValueError(f"{kind} routing weights must be {expected}, got {got}")
+    if not weights.is_floating_point():
+        raise ValueError(f"{kind} routing weights must be floating, got {weights.dtype}")
+
+
+def _check_sparse(kind: str, indices: Tensor | None, weights: Tensor | None, ndim: int) -> None:
+    """Shapes and dtypes of a ``sample`` or ``token`` routing (no values: no host sync)."""
+    expected = _SPARSE_SHAPES[ndim]
+    if indices is None or indices.dim() != ndim:
+        got = None if indices is None else tuple(indices.shape)
+        raise ValueError(f"{kind} routing indices must be {expected}, got {got}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"{kind} routing indices must be an integer tensor, got {indices.dtype}")
+    _check_weights(kind, weights, (ndim,))
+    assert weights is not None
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"{kind} routing weights {tuple(weights.shape)} must match indices "
+            f"{tuple(indices.shape)} ({expected})"
+        )
+
+
+def check_routing_values(routing: Routing, n_experts: int) -> None:
+    """Check that ``routing``'s experts exist among ``n_experts`` (``-1`` allowed in index tensors).
+
+    One host sync for index tensors (``aminmax``), none for the other kinds.
+
+    Raises:
+        IndexError: an index outside ``[-1, n_experts)`` (``[0, n_experts)`` for ``single``).
+        ValueError: dense weights whose last dimension is not ``n_experts``.
+    """
+    if routing.kind == "single":
+        assert routing.expert is not None
+        if not 0 <= routing.expert < n_experts:
+            raise IndexError(f"expert index {routing.expert} out of range for {n_experts} experts")
+    elif routing.kind == "dense":
+        assert routing.weights is not None
+        shape = tuple(routing.weights.shape)
+        if shape[-1] != n_experts:
+            raise ValueError(
+                f"dense routing weights have shape {shape}, expected {(*shape[:-1], n_experts)} "
+                f"(last dimension = the bank's {n_experts} experts)"
+            )
+    elif routing.indices is not None and routing.indices.numel():
+        lo, hi = torch.stack(list(torch.aminmax(routing.indices))).tolist()
+        if lo < -1 or hi >= n_experts:
+            bad = lo if lo < -1 else hi
+            raise IndexError(
+                f"routing index {bad} out of range: indices must be in [0, {n_experts}) for "
+                f"{n_experts} experts, or -1 for no expert"
+            )
 
 
 @dataclass

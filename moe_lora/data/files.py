@@ -4,12 +4,20 @@ Each row is one example with a text, a label and a task (column names configurab
 split (``train``/``val``/``test``). Rows without a split go to one by a hash of ``(seed, text)``, so
 the assignment is deterministic and does not depend on row order. Tasks are ordered by first
 appearance in the file; so are classes, whose global ids are their positions in that order.
+
+Files are UTF-8 (a leading byte-order mark is dropped); a byte sequence that is not UTF-8 is
+refused with the file, line and column. A text, label or task longer than
+``FileStreamConfig.max_text_length`` characters is refused (never truncated) with the file and
+line, and so is a physical line longer than ``6 * max_text_length + 64 KiB`` bytes, before it is
+decoded or parsed (JSON may escape a character as six bytes), so memory stays bounded. Reading a
+CSV raises the process-wide ``csv.field_size_limit`` to ``max_text_length`` if it is lower.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ class FileStreamConfig:
         split_field: the optional split column (``train``/``val``/``test``; empty means unset).
         seed: salts the hash split of rows without a split.
         val_fraction, test_fraction: expected shares of hash-split rows in val and test.
+        max_text_length: most characters of a text, label or task (longer ones are refused).
 
     Raises:
         ValueError: a field is empty or out of range, or the suffix is unsupported (names the field).
@@ -47,6 +56,7 @@ class FileStreamConfig:
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    max_text_length: int = 100_000
 
     def __post_init__(self) -> None:
         for name in ("path", "text_field", "label_field", "task_field", "split_field"):
@@ -63,6 +73,15 @@ class FileStreamConfig:
                 )
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("FileStreamConfig.val_fraction + test_fraction must be < 1")
+        if not isinstance(self.max_text_length, int) or self.max_text_length < 1:
+            raise ValueError(
+                f"FileStreamConfig.max_text_length must be an int >= 1, got {self.max_text_length!r}"
+            )
+
+    @property
+    def max_line_bytes(self) -> int:
+        """Longest physical line read, in bytes: ``6 * max_text_length + 65536``."""
+        return 6 * self.max_text_length + 65_536
 
 
 @dataclass(frozen=True)
@@ -73,25 +92,52 @@ class _Row:
     split: str
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
+def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each physical line of a UTF-8 file, newline kept, BOM dropped.
+
+    Raises:
+        ValueError: a line over ``max_bytes`` bytes (read no further), or not valid UTF-8; names
+            the file and line.
+    """
+    with open(path, "rb") as fh:
+        for lineno in itertools.count(1):
+            raw = fh.readline(max_bytes + 1)
+            if not raw:
+                return
+            if len(raw) > max_bytes:
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                    f"{path}:{lineno}: line longer than {max_bytes} bytes; raise "
+                    "FileStreamConfig.max_text_length if its texts are meant to be that long"
                 )
-            yield lineno, obj
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the file as UTF-8"
+                ) from None
+            yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
 
 
-def _iter_csv(path: Path, required: list[str]) -> Iterator[tuple[int, dict[str, object]]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+def _iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, object]]]:
+    for lineno, line in _lines(path, max_bytes):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _iter_csv(
+    path: Path, required: list[str], cfg: FileStreamConfig
+) -> Iterator[tuple[int, dict[str, object]]]:
+    csv.field_size_limit(max(csv.field_size_limit(), cfg.max_text_length))
+    reader = csv.DictReader(line for _, line in _lines(path, cfg.max_line_bytes))
+    try:
         header = list(reader.fieldnames or [])
         missing = [c for c in required if c not in header]
         if missing:
@@ -102,6 +148,11 @@ def _iter_csv(path: Path, required: list[str]) -> Iterator[tuple[int, dict[str, 
                     f"{path}:{reader.line_num}: expected {len(header)} fields as in the header {header}"
                 )
             yield reader.line_num, dict(row)
+    except csv.Error as err:
+        raise ValueError(
+            f"{path}:{reader.line_num}: {err} (FileStreamConfig.max_text_length="
+            f"{cfg.max_text_length})"
+        ) from None
 
 
 def _hash_split(text: str, cfg: FileStreamConfig) -> str:
@@ -123,6 +174,11 @@ def _to_row(path: Path, lineno: int, obj: dict[str, object], cfg: FileStreamConf
     for name, value in zip(fields, (text, label, task), strict=True):
         if not value:
             raise ValueError(f"{path}:{lineno}: column {name!r} is empty")
+        if len(value) > cfg.max_text_length:
+            raise ValueError(
+                f"{path}:{lineno}: column {name!r} has {len(value)} characters, more than "
+                f"FileStreamConfig.max_text_length={cfg.max_text_length}"
+            )
     split = str(obj.get(cfg.split_field) or "").strip().lower()
     if split and split not in _SPLITS:
         raise ValueError(
@@ -137,7 +193,7 @@ def _read_rows(cfg: FileStreamConfig) -> list[_Row]:
         raise FileNotFoundError(f"{path}: data file not found (FileStreamConfig.path)")
     required = [cfg.text_field, cfg.label_field, cfg.task_field]
     is_csv = path.suffix.lower() == ".csv"
-    records = _iter_csv(path, required) if is_csv else _iter_jsonl(path)
+    records = _iter_csv(path, required, cfg) if is_csv else _iter_jsonl(path, cfg.max_line_bytes)
     rows = [_to_row(path, lineno, obj, cfg) for lineno, obj in records]
     if not rows:
         raise ValueError(f"{path}: no data rows")
