@@ -142,12 +142,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a bank folder or a run folder."""
     path = Path(args.path)
-    if (path / "CURRENT").is_file() and not (path / "manifest.json").is_file():
+    if (path / "CURRENT").is_file():  # a committed folder: a bank or a strategy's checkpoint
         from moe_lora.core.commit import read_version
 
-        with read_version(path) as where:  # a committed folder: a strategy's checkpoint
-            return _info_bank(where / "bank" if (where / "bank").is_dir() else where)
-    if (path / "manifest.json").is_file():
+        with read_version(path) as where:
+            if (where / "bank").is_dir():
+                return _info_bank(where / "bank")
         return _info_bank(path)
     if (path / "results.json").is_file():
         from moe_lora.continual.checkpoint import checkpoint_progress
@@ -159,7 +159,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for name, done in checkpoint_progress(path / "checkpoints").items():
             print(f"  checkpoint {name}: {done} step{'' if done == 1 else 's'} done")
         return 0
-    raise FileNotFoundError(f"{path}: neither a bank folder (manifest.json) nor a run folder "
+    raise FileNotFoundError(f"{path}: neither a bank folder (CURRENT) nor a run folder "
                             "(results.json)")
 
 

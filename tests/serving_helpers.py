@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import os
 import signal
 import socket
@@ -120,10 +121,8 @@ def store_from_bank(bank_folder: Path, store_root: Path) -> Path:
         store.put(bank, name)
     for extra in ("heads.json", "heads.safetensors"):
         (store_root / extra).write_bytes((bank_folder / extra).read_bytes())
-    if (bank_folder / "router").is_dir():
-        (store_root / "router").mkdir()
-        for f in (bank_folder / "router").iterdir():
-            (store_root / "router" / f.name).write_bytes(f.read_bytes())
+    if (bank_folder / "router").is_dir():  # a committed index folder, copied whole
+        shutil.copytree(bank_folder / "router", store_root / "router")
     return store_root
 
 

@@ -111,7 +111,7 @@ def test_beam_search_with_returned_sequences(bank, prompts) -> None:
 def test_without_generate_the_routing_does_not_fit_the_beams(bank, prompts) -> None:
     """The failure this module fixes: a prompt's routing against the expanded batch."""
     with bank.use(Routing.per_sample(torch.tensor([0, 1, 2]))), pytest.raises(ValueError,
-                                                                              match="3 samples"):
+                                                                              match=r"shape \(3, 1\) does not fit"):
         bank.model.generate(input_ids=prompts, num_beams=2, **GREEDY)
     with pytest.raises(ValueError, match="routing has 2 samples but 3 prompts"):
         generate(bank, prompts, routing=Routing.per_sample(torch.tensor([0, 1])), **GREEDY)

@@ -141,6 +141,7 @@ def describe_run(run_dir: str | Path, result: str | None = None) -> dict[str, An
         FileNotFoundError: the run has no results.json or no checkpoint of the served strategy.
     """
     from moe_lora.core.commit import read_version
+    from moe_lora.core.storage import read_manifest
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
@@ -149,7 +150,7 @@ def describe_run(run_dir: str | Path, result: str | None = None) -> dict[str, An
     meta = read_json(run_dir / "results.json")
     names, per_task = meta["class_names"], meta["task_classes"]
     with read_version(run_dir / "checkpoints" / spec.name) as where:
-        manifest = read_json(where / "bank" / "manifest.json")
+        manifest = read_manifest(where / "bank")
     experts = [{"name": e["name"], "task": e["task"] + 1, "rank": e["config"]["rank"],
                 "labels": [names[c] for c in per_task[e["task"]]]} for e in manifest["experts"]]
     return {"base": meta["config"]["model"]["name"], "result": results[0],

@@ -64,7 +64,7 @@ class ExpertPool:
             AdapterStore,  # moe_lora.memory loads sentence-transformers
         )
 
-        first = read_manifest(folder.path / folder.names[0])
+        first = read_manifest(folder.path / "experts" / folder.names[0])
         bank = ExpertBank(model, targets=list(first["layers"]), base_id=folder.base_id)
         store = AdapterStore(folder.path, bank, max_experts=max_resident,
                              max_bytes=max_resident_bytes)
@@ -107,7 +107,7 @@ class ExpertPool:
         if not missing:
             return None
         root = self.store.root
-        return self._reader.submit(lambda: sum(_read_files(root / n) for n in missing))
+        return self._reader.submit(lambda: sum(_read_files(root / "experts" / n) for n in missing))
 
     def routing(self, choices: Sequence[Choice]) -> Routing:
         """One per-sample routing for ``choices`` (loading and evicting store experts as needed).

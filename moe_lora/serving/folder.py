@@ -2,8 +2,9 @@
 
 A served folder is a saved bank or an adapter store, with optional extras next to it::
 
-    PATH/manifest.json, experts.safetensors   a bank saved by ``ExpertBank.save``   (or)
-    PATH/store.json, PATH/<expert>/...        an ``AdapterStore``: experts loaded on demand
+    PATH/CURRENT, PATH/v.../                  a bank saved by ``ExpertBank.save``   (or)
+    PATH/catalogue/, PATH/experts/<name>/     an ``AdapterStore``: experts loaded on demand  (or)
+    PATH/results.json, PATH/checkpoints/      a continual run (its ``experts`` strategy)
     PATH/heads.json, heads.safetensors        optional classification heads (:func:`save_heads`)
     PATH/router/router.json + index files     optional retrieval router (:func:`save_router`)
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from moe_lora.core.commit import read_version
 from moe_lora.core.io import atomic_save_tensors, atomic_write_json, read_json
 from moe_lora.core.storage import read_manifest
 
@@ -65,20 +67,21 @@ class ServedFolder:
 
     def __init__(self, path: str | Path, base: str | None = None):
         self.path = Path(path)
-        if (self.path / "manifest.json").is_file():
+        if (self.path / "CURRENT").is_file():
             self.kind = "bank"
             manifests = [read_manifest(self.path)]
-        elif (self.path / "store.json").is_file():
+        elif (self.path / "catalogue").is_dir():
             self.kind = "store"
-            names = read_json(self.path / "store.json")["experts"]
-            manifests = [read_manifest(self.path / n) for n in names.values()]
+            with read_version(self.path / "catalogue") as version:
+                names = read_json(version / "store.json")["experts"]
+            manifests = [read_manifest(self.path / "experts" / n) for n in names.values()]
         elif (self.path / "results.json").is_file() and (self.path / "checkpoints").is_dir():
             self._open_run(base)
             return
         else:
             raise FileNotFoundError(
-                f"{self.path} is neither a saved bank (manifest.json), an adapter store "
-                "(store.json) nor a continual run (results.json + checkpoints/)"
+                f"{self.path} is neither a saved bank (CURRENT), an adapter store "
+                "(catalogue/) nor a continual run (results.json + checkpoints/)"
             )
         if not manifests:
             raise FileNotFoundError(f"{self.path}: the store holds no expert")
