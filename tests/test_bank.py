@@ -278,13 +278,13 @@ def test_save_load_is_bit_identical(tmp_path):
     bank = ExpertBank(model, targets="all-linear", base_id="tiny")
     for name, rank in RANKS:
         bank.add_expert(name, ExpertConfig(rank=rank, init="random"), task=name, trainable=False)
-    bank.info("b").trained_steps = 17
+    bank.info("b").meta["note"] = "kept"
     bank.save(tmp_path / "bank")
     fresh = tiny()
     fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items()
                            if "experts" not in k})
     loaded = ExpertBank.load(tmp_path / "bank", fresh)
-    assert loaded.names == bank.names and loaded.info("b").trained_steps == 17
+    assert loaded.names == bank.names and loaded.info("b").meta == {"note": "kept"}
     for n in bank.names:
         for k, v in bank.expert_state(n).items():
             assert torch.equal(loaded.expert_state(n)[k], v), k

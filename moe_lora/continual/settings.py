@@ -122,6 +122,8 @@ class DataConfig:
         n_tasks, classes_per_task: stream shape (WordNet and digits; a file brings its own).
         train_per_class, val_per_class, test_per_class, min_count: WordNet split sizes.
         seed: fixes the drawn classes and splits.
+        max_text_length: ``file``: the longest text, label or task accepted, in characters (a
+            longer one is refused naming the file and line).
     """
 
     benchmark: str = "split-wordnet"
@@ -133,8 +135,10 @@ class DataConfig:
     test_per_class: int = 100
     min_count: int = 500
     seed: int = 0
+    max_text_length: int = 100_000
 
     def __post_init__(self) -> None:
+        check(self.max_text_length >= 1, "data.max_text_length", "must be >= 1")
         check(self.benchmark in BENCHMARKS, "data.benchmark", f"must be one of {BENCHMARKS}")
         check(self.benchmark != "file" or bool(self.path), "data.path", "is required for 'file'")
         check(self.benchmark != "file" or Path(str(self.path)).is_file(), "data.path",
@@ -159,7 +163,8 @@ class DataConfig:
         if self.benchmark == "split-digits":
             return DigitsStreamConfig(n_tasks=self.n_tasks,
                                       classes_per_task=self.classes_per_task, seed=self.seed)
-        return FileStreamConfig(str(self.path), seed=self.seed)
+        return FileStreamConfig(str(self.path), seed=self.seed,
+                                max_text_length=self.max_text_length)
 
 
 @dataclass

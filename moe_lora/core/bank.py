@@ -39,7 +39,6 @@ class ExpertInfo:
         config: the expert's hyper-parameters.
         task: the task it was trained for (any JSON scalar), if any.
         created: ISO-8601 UTC creation time.
-        trained_steps: optimiser steps taken while the expert was trainable.
         trainable: whether it currently receives gradients.
         meta: free-form JSON metadata.
     """
@@ -48,7 +47,6 @@ class ExpertInfo:
     config: ExpertConfig
     task: Any = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
-    trained_steps: int = 0
     trainable: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -434,7 +432,7 @@ class ExpertBank(nn.Module):
                 added.append(info.name)
                 self.set_expert_state(info.name, state)
                 now = self.info(info.name)
-                now.created, now.trained_steps = info.created, info.trained_steps
+                now.created = info.created
         except BaseException:
             for name in reversed(added):
                 self.remove_expert(name)
