@@ -7,9 +7,8 @@ whose expert each sample was routed to, ``[N]``):
   task-aware = argmax over the evaluated task's classes, task-agnostic = over all seen classes.
 * :func:`predict_routed`: a sample-level router (task id or retrieval) picks each sample's expert;
   the prediction is the argmax over that expert's task's classes.
-* :func:`predict_confidence`: every seen expert runs; each sample goes to the expert whose own head
-  is most confident (max softmax probability over its task's classes), optionally multiplied by the
-  retrieval index's prior over experts. Costs one forward per seen expert.
+* :func:`expert_logits`: every seen expert runs alone through its own head (one forward each);
+  the confidence and statistics routers of :mod:`moe_lora.continual.strategies` decide from it.
 * :func:`predict_gated`: MoLE gates mix the experts in every layer; argmax over seen classes.
 """
 
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,8 +25,8 @@ from moe_lora.core.routing import RouterInput, Routing
 
 __all__ = [
     "class_mask",
+    "expert_logits",
     "masked_argmax",
-    "predict_confidence",
     "predict_gated",
     "predict_routed",
     "predict_shared",
@@ -95,40 +93,6 @@ def predict_routed(
 
 
 @torch.no_grad()
-def predict_confidence(
-    module: MoELoRAModule, ex: Examples, expert_classes: Tensor,
-    prior: Callable[[list[str]], np.ndarray] | None = None, prior_weight: float = 1.0,
-    bs: int = 256,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Route each sample to the expert whose head is most confident (see the module docstring).
-
-    Returns:
-        predictions ``[N]``, routed experts ``[N]`` and the per-expert task-aware predictions
-        ``[E, N]`` (row ``e``: expert ``e`` on every sample, argmax over its task's classes).
-    """
-    n_exp = expert_classes.shape[0]
-    preds, routed, per_expert = [], [], []
-    start = 0
-    for batch in _batches(module, ex, bs):
-        n = len(batch["labels"])
-        keys = ex.keys[start : start + n]
-        start += n
-        score = torch.empty(n_exp, n)
-        own = torch.empty(n_exp, n, dtype=torch.long)
-        for e in range(n_exp):
-            logits = module.logits(batch, Routing.single(e))
-            logp = logits.masked_fill(~expert_classes[e], float("-inf")).log_softmax(-1)
-            score[e], own[e] = logp.max(-1)
-        if prior is not None and prior_weight:
-            score = score + prior_weight * torch.from_numpy(prior(keys)).t().clamp_min(1e-4).log()
-        best = score.argmax(0)
-        preds.append(own.gather(0, best[None]).squeeze(0))
-        routed.append(best)
-        per_expert.append(own)
-    return torch.cat(preds), torch.cat(routed), torch.cat(per_expert, dim=1)
-
-
-@torch.no_grad()
 def predict_gated(
     module: MoELoRAModule, ex: Examples, router: object, seen_classes: Tensor, bs: int = 256
 ) -> tuple[Tensor, Tensor]:
@@ -157,3 +121,19 @@ def sample_gate_probs(router: object, mask: Tensor | None, batch_size: int) -> T
         return per.mean(1)
     m = mask.to(per.dtype).unsqueeze(-1)
     return (per * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def expert_logits(module: MoELoRAModule, ex: Examples, class_ids: list[list[int]],
+                  bs: int = 256) -> Tensor:
+    """Every expert's own head logits on ``ex``: ``[N, K]``, ``K = sum_e |class_ids[e]|``.
+
+    Block ``e`` (columns in the order of ``class_ids``) is expert ``e`` alone (``Routing.single``)
+    through the heads, restricted to its task's classes ``class_ids[e]``. One forward per expert.
+    """
+    out = []
+    for batch in _batches(module, ex, bs):
+        blocks = [module.logits(batch, Routing.single(e))[:, ids] for e, ids in
+                  enumerate(class_ids)]
+        out.append(torch.cat(blocks, 1).cpu())
+    return torch.cat(out)

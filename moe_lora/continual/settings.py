@@ -44,8 +44,8 @@ LOGGERS = ("csv", "tensorboard")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 TRAINER_STRATEGIES = ("auto", "ddp", "ddp_spawn")
-DEFAULT_RUN = ("joint", "naive", "replay", "olora", "experts-taskid",
-               "experts-retrieval", "experts-confidence", "experts-mole")
+DEFAULT_RUN = ("joint", "naive", "replay", "olora", "ncm", "ranpac", "experts-taskid",
+               "experts-retrieval", "experts-confidence", "experts-mole", "experts-stats")
 
 
 class ConfigError(ValueError):

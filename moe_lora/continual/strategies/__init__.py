@@ -15,7 +15,7 @@ A new strategy is a new module with a :class:`~.base.Strategy` subclass register
 before the config is loaded).
 """
 
-from moe_lora.continual.strategies import experts, olora, replay, shared  # noqa: F401
+from moe_lora.continual.strategies import experts, frozen, olora, replay, shared  # noqa: F401
 from moe_lora.continual.strategies.base import Prediction, RunContext, Strategy
 
 __all__ = ["Prediction", "RunContext", "Strategy"]

@@ -17,6 +17,7 @@ from moe_lora.continual.prepared import Examples
 from moe_lora.continual.registry import register_strategy
 from moe_lora.continual.settings import check
 from moe_lora.continual.strategies.base import Prediction, RunContext, Strategy
+from moe_lora.continual.strategies.bayes import FactoredBayes, StatsOptions
 from moe_lora.continual.strategies.inference import (
     Confidence,
     Inference,
@@ -33,6 +34,7 @@ __all__ = ["INFERENCES", "Experts", "ExpertsOptions"]
 
 INFERENCES: dict[str, type[Inference]] = {
     "taskid": TaskId, "retrieval": Retrieval, "confidence": Confidence, "mole": MoLEGating,
+    "stats": FactoredBayes,
 }
 """Evaluation name -> inference class (the registry's ``evaluations`` of ``experts``)."""
 
@@ -42,14 +44,16 @@ class ExpertsOptions:
     """``strategies.experts``.
 
     Attributes:
-        replay_size: exemplars kept for inferences that learn from them (``mole``).
+        replay_size: exemplars kept for inferences that learn from them (``mole``, ``stats``).
         retrieval: the key index (:class:`RetrievalOptions`).
         mole: MoLE gate training (:class:`MoLEOptions`).
+        stats: the factored Bayes router (:class:`StatsOptions`).
     """
 
     replay_size: int = 500
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
     mole: MoLEOptions = field(default_factory=MoLEOptions)
+    stats: StatsOptions = field(default_factory=StatsOptions)
 
     def __post_init__(self) -> None:
         check(self.replay_size >= 1, "strategies.experts.replay_size", "must be >= 1")
@@ -57,7 +61,7 @@ class ExpertsOptions:
 
 @register_strategy("experts", options=ExpertsOptions, evaluations={
     "taskid": "task-aware", "retrieval": "task-agnostic", "confidence": "task-agnostic",
-    "mole": "task-agnostic"})
+    "mole": "task-agnostic", "stats": "task-agnostic"})
 class Experts(Strategy):
     """An expert and a head per task; earlier experts and heads frozen."""
 
@@ -93,6 +97,7 @@ class Experts(Strategy):
     def after_task(self, task: int) -> None:
         s = self.shared
         if s.memory is not None:
+            s.previous_replay = s.memory.examples() if len(s.memory) else None
             s.memory.add_task(task)
         if s.keys is not None:
             s.keys.add_task(task, self.ctx.tasks[task].train, self.ctx.cfg.train.seed)

@@ -19,18 +19,14 @@ strategy's checkpoint (:meth:`Inference.state_dict`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lora.continual.evaluation import (
-    predict_confidence,
-    predict_gated,
-    predict_routed,
-)
+from moe_lora.continual.evaluation import expert_logits, predict_gated, predict_routed
 from moe_lora.continual.module import MoELoRAModule, TaskHeads, TrainPlan
 from moe_lora.continual.prepared import Examples, loader
 from moe_lora.continual.settings import check, check_finite
@@ -72,6 +68,20 @@ class Shared:
     memory: ReplayMemory | None
     keys: KeyIndex | None
     options: Any
+    previous_replay: Examples | None = None
+    _logits: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+
+    def expert_logits(self, step: int, ex: Examples) -> Tensor:
+        """``[N, K]``: experts ``0..step`` on ``ex``, each through its own head and classes
+        (:func:`~moe_lora.continual.evaluation.expert_logits`); memoised per (step, examples),
+        so inferences evaluated on the same test set share one pass."""
+        key = (step, id(ex))
+        if key not in self._logits:
+            self._logits.clear()  # one evaluation at a time: keep the memory small
+            ids = self.heads.class_ids[: step + 1]
+            self._logits[key] = expert_logits(self.module(), ex, ids,
+                                              self.ctx.cfg.train.eval_batch_size)
+        return self._logits[key]
 
     def module(self) -> MoELoRAModule:
         """The bank + heads as a module (single-expert routing by default)."""
@@ -151,21 +161,25 @@ class Retrieval(Inference):
 
 
 class Confidence(Inference):
-    """Every seen expert runs; the most confident head (times the vote prior) decides."""
+    """Every seen expert runs; the most confident head (times the vote prior) decides:
+    ``argmax_e log max_c p_e(c|x) + prior_weight * log vote_e(x)``."""
 
     needs = frozenset({"keys"})
 
     def predict(self, step: int, test: Examples) -> Prediction:
         s = self.shared
         assert s.keys is not None
-        keys = s.keys
-
-        def prior(batch_keys: list[str]) -> Any:
-            return keys.weights(keys.embed(batch_keys), step + 1).numpy()
-
-        preds, routed, _ = predict_confidence(
-            s.module(), test, s.expert_classes(), prior, s.options.retrieval.prior_weight,
-            s.ctx.cfg.train.eval_batch_size)
+        z = s.expert_logits(step, test)
+        ids = s.heads.class_ids[: step + 1]
+        blocks = z.split([len(c) for c in ids], dim=1)
+        best = torch.stack([b.log_softmax(1).max(1).values for b in blocks], 1)  # [N, E]
+        own = [torch.tensor(c)[b.argmax(1)] for b, c in zip(blocks, ids, strict=True)]
+        weight = s.options.retrieval.prior_weight
+        if weight:
+            prior = s.keys.weights(s.keys.embed(test.keys), step + 1)
+            best = best + weight * prior.clamp_min(1e-4).log()
+        routed = best.argmax(1)
+        preds = torch.stack(own, 1).gather(1, routed[:, None]).squeeze(1)
         return Prediction(classes=preds, task_weights=_one_hot(routed, step + 1))
 
 
