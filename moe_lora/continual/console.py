@@ -41,10 +41,21 @@ def configure_console(verbosity: int = 0) -> None:
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
     if verbosity <= 0:
+        _quiet_transformers()
         for module in ("lightning", "pytorch_lightning", "torch.utils.data"):
             warnings.filterwarnings("ignore", module=module)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars and no info lines from transformers / sentence-transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 class RunProgress:

@@ -124,16 +124,10 @@ def sample_gate_probs(router: object, mask: Tensor | None, batch_size: int) -> T
 
 
 @torch.no_grad()
-def expert_logits(module: MoELoRAModule, ex: Examples, class_ids: list[list[int]],
+def expert_logits(module: MoELoRAModule, ex: Examples, expert: int, class_ids: list[int],
                   bs: int = 256) -> Tensor:
-    """Every expert's own head logits on ``ex``: ``[N, K]``, ``K = sum_e |class_ids[e]|``.
-
-    Block ``e`` (columns in the order of ``class_ids``) is expert ``e`` alone (``Routing.single``)
-    through the heads, restricted to its task's classes ``class_ids[e]``. One forward per expert.
-    """
-    out = []
-    for batch in _batches(module, ex, bs):
-        blocks = [module.logits(batch, Routing.single(e))[:, ids] for e, ids in
-                  enumerate(class_ids)]
-        out.append(torch.cat(blocks, 1).cpu())
-    return torch.cat(out)
+    """Expert ``expert`` alone (``Routing.single``) through the heads on ``ex``, restricted to
+    its task's classes ``class_ids``: ``[N, len(class_ids)]`` on the CPU."""
+    out = [module.logits(batch, Routing.single(expert))[:, class_ids].cpu()
+           for batch in _batches(module, ex, bs)]
+    return torch.cat(out) if out else torch.zeros(0, len(class_ids))

@@ -36,8 +36,11 @@ from moe_lora.continual.strategies.replay import ReplayMemory
 from moe_lora.core.routing import RouterInput, Routing
 from moe_lora.routers import MoLEConfig, MoLEGate, MoLERouter
 
-__all__ = ["Confidence", "Inference", "MoLEGating", "MoLEOptions", "Retrieval", "Shared",
-           "TaskId"]
+__all__ = ["Confidence", "Inference", "LOGIT_CACHE_ROWS", "MoLEGating", "MoLEOptions", "Retrieval",
+           "Shared", "TaskId"]
+
+LOGIT_CACHE_ROWS = 2_000_000
+"""Most (expert, input) logit rows :meth:`Shared.expert_logits` keeps."""
 
 
 @dataclass
@@ -69,19 +72,28 @@ class Shared:
     keys: KeyIndex | None
     options: Any
     previous_replay: Examples | None = None
-    _logits: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    _logits: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
     def expert_logits(self, step: int, ex: Examples) -> Tensor:
         """``[N, K]``: experts ``0..step`` on ``ex``, each through its own head and classes
-        (:func:`~moe_lora.continual.evaluation.expert_logits`); memoised per (step, examples),
-        so inferences evaluated on the same test set share one pass."""
-        key = (step, id(ex))
-        if key not in self._logits:
-            self._logits.clear()  # one evaluation at a time: keep the memory small
-            ids = self.heads.class_ids[: step + 1]
-            self._logits[key] = expert_logits(self.module(), ex, ids,
-                                              self.ctx.cfg.train.eval_batch_size)
-        return self._logits[key]
+        (:func:`~moe_lora.continual.evaluation.expert_logits`), blocks in expert order.
+
+        A frozen expert's logits on an input never change, so rows are memoised per (expert,
+        input key): each expert runs once on each input over the whole run (inferences and
+        steps share them). Call only once the experts up to ``step`` are trained.
+        """
+        if len(self._logits) > LOGIT_CACHE_ROWS:  # a long-running server: stay bounded
+            self._logits.clear()
+        blocks = []
+        for e, ids in enumerate(self.heads.class_ids[: step + 1]):
+            missing = list(dict.fromkeys(k for k in ex.keys if (e, k) not in self._logits))
+            if missing:
+                where = {k: i for i, k in enumerate(ex.keys)}
+                rows = expert_logits(self.module(), ex.select([where[k] for k in missing]), e,
+                                     ids, self.ctx.cfg.train.eval_batch_size)
+                self._logits.update({(e, k): r for k, r in zip(missing, rows, strict=True)})
+            blocks.append(torch.stack([self._logits[e, k] for k in ex.keys]))
+        return torch.cat(blocks, 1)
 
     def module(self) -> MoELoRAModule:
         """The bank + heads as a module (single-expert routing by default)."""
