@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml
+	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15
 
 quick: $(STAMP)
-	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml --profile quick
+	$(VENV)/bin/moe-lora continual configs/split_wordnet.yaml --profile quick --overwrite
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

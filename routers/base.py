@@ -50,6 +50,7 @@ __all__ = [
     "token_mask",
     "batch_size",
     "bank_device",
+    "masked_mean",
     "dense_weights",
 ]
 
@@ -355,18 +356,31 @@ def dense_weights(indices: Tensor, weights: Tensor, n_experts: int) -> Tensor:
 def token_mask(x: Tensor, mask: Tensor | None) -> Tensor:
     """The attention mask as a float vector [N] over the N tokens of ``x`` [..., in] (1 = real).
 
+    Tokens whose input holds nan or inf count as padding (0), so one corrupt row cannot turn a
+    router's auxiliary loss or statistics non-finite.
+
     Raises:
         ValueError: the mask does not have one entry per token of ``x``.
     """
     n = x.numel() // x.shape[-1]
+    finite = torch.isfinite(x.detach().reshape(n, -1)).all(-1).to(torch.float32)
     if mask is None:
-        return torch.ones(n, dtype=torch.float32, device=x.device)
+        return finite
     if mask.numel() != n:
         raise ValueError(
             f"attention mask {tuple(mask.shape)} does not match the {n} tokens of the gate input "
             f"{tuple(x.shape)}"
         )
-    return mask.reshape(n).to(device=x.device, dtype=torch.float32)
+    return mask.reshape(n).to(device=x.device, dtype=torch.float32) * finite
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` [N, E] over the rows where ``mask`` [N] is non-zero: ``[E]``.
+
+    Rows with mask 0 contribute nothing, even when they hold nan or inf.
+    """
+    kept = torch.where(mask[:, None] > 0, values, values.new_zeros(()))
+    return (kept * mask[:, None]).sum(0) / mask.sum().clamp_min(1.0)
 
 
 class GateRouter(WeightLog):

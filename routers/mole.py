@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from moe_lora.core.routing import GateOutput, register_router
 
-from .base import GateRouter, MoLEConfig, token_mask
+from .base import GateRouter, MoLEConfig, masked_mean, token_mask
 
 if TYPE_CHECKING:
     from moe_lora.core.bank import ExpertBank
@@ -52,7 +52,7 @@ __all__ = ["MoLERouter", "MoLEGate", "balance_loss"]
 
 def balance_loss(probs: Tensor, mask: Tensor) -> Tensor:
     """MoLE's ``-sum_i log q_i``, ``q_i`` the mean of ``probs`` [N, E] over tokens with ``mask`` 1."""
-    q = (probs * mask[:, None]).sum(0) / mask.sum().clamp_min(1.0)
+    q = masked_mean(probs, mask)
     return -torch.log(q.clamp_min(1e-12)).sum()
 
 
@@ -170,7 +170,7 @@ def _mix(
     gate: MoLEGate | _BlockMember, probs: Tensor, outs: Tensor, loss: Tensor, mask: Tensor
 ) -> GateOutput:
     gate.last_probs = probs.detach()
-    gate.last_load = (gate.last_probs * mask[:, None]).sum(0) / mask.sum().clamp_min(1.0)
+    gate.last_load = masked_mean(gate.last_probs, mask)
     delta = torch.einsum("ne,ned->nd", probs.to(outs.dtype), outs)
     return GateOutput(routing=None, aux_loss=loss, delta=delta, probs=probs)
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from moe_lora.core.routing import GateOutput, Routing, register_router
 
-from .base import GateRouter, TopKConfig, token_mask
+from .base import GateRouter, TopKConfig, masked_mean, token_mask
 
 if TYPE_CHECKING:
     from moe_lora.core.bank import ExpertBank
@@ -60,16 +60,13 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def load_balancing_loss(probs: Tensor, top: Tensor, mask: Tensor) -> Tensor:
     """``E * sum_e f_e P_e`` for ``probs`` [N, E], chosen experts ``top`` [N, k], ``mask`` [N]."""
     n_exp = probs.shape[-1]
-    m = mask[:, None]
-    denom = mask.sum().clamp_min(1.0)
-    f = (F.one_hot(top, n_exp).sum(1).to(probs.dtype) * m).sum(0) / denom
-    p = (probs * m).sum(0) / denom
-    return n_exp * (f * p).sum()
+    f = masked_mean(F.one_hot(top, n_exp).sum(1).to(probs.dtype), mask)
+    return n_exp * (f * masked_mean(probs, mask)).sum()
 
 
 def z_loss(logits: Tensor, mask: Tensor) -> Tensor:
     """Router z-loss ``mean_n logsumexp(logits_n)^2`` over tokens with ``mask`` 1."""
-    return (torch.logsumexp(logits, -1).square() * mask).sum() / mask.sum().clamp_min(1.0)
+    return masked_mean(torch.logsumexp(logits, -1).square()[:, None], mask)[0]
 
 
 class TopKGate(nn.Module):
@@ -105,7 +102,7 @@ class TopKGate(nn.Module):
         probs = self.last_probs
         if probs is None or self._last_mask is None:
             return None
-        return (probs * self._last_mask[:, None]).sum(0) / self._last_mask.sum().clamp_min(1.0)
+        return masked_mean(probs, self._last_mask)
 
     @torch.no_grad()
     def grow(self, n_experts: int) -> None:

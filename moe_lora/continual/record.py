@@ -65,7 +65,8 @@ class StepMetrics:
 
     def compute(self, row: int) -> dict[tuple[str, str], list[float] | None]:
         """Row ``row`` of every matrix that was updated (synced across processes)."""
-        return {key: m.compute()[row].tolist() if m.update_called else None
+        n = self.n_tasks  # torchmetrics squeezes a 1 x 1 result to a scalar: shape it back
+        return {key: m.compute().reshape(n, n)[row].tolist() if m.update_called else None
                 for key, m in self.metrics.items()}
 
 

@@ -48,7 +48,7 @@ class BankAPI(ls.LitAPI):
         """Load the model, the experts, the router and the heads (once per worker)."""
         from moe_lora.serving.backend import Backend  # the HTTP processes never need it
 
-        folder = ServedFolder(self.path, self.config.base)
+        folder = ServedFolder(self.path, self.config.base, self.config.result)
         self.backend = Backend.open(folder, self.config, device)
 
     def decode_request(self, request: Job, **kwargs: Any) -> Job:

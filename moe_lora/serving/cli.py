@@ -24,6 +24,7 @@ _HELP = {
     "max_resident": "store experts resident at once (an adapter store folder)",
     "max_resident_bytes": "bytes of store experts resident at once",
     "base": "base model name or folder, overriding the manifest's base id",
+    "result": "a continual run's task-agnostic result answering \"auto\" (default: its best)",
 }
 
 

@@ -27,6 +27,8 @@ class ServeConfig:
         max_resident: store experts resident at once (a store folder; None: unbounded).
         max_resident_bytes: bytes of store experts resident at once (None: unbounded).
         base: the base model, overriding the bank manifest's base id (a name or a local folder).
+        result: a continual run's result that answers ``"auto"`` (e.g. ``experts-confidence``;
+            None: the run's best task-agnostic result by average accuracy).
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +46,7 @@ class ServeConfig:
     max_resident: int | None = None
     max_resident_bytes: int | None = None
     base: str | None = None
+    result: str | None = None
 
     @property
     def max_body_bytes(self) -> int:

@@ -59,13 +59,14 @@ class ServedFolder:
     Args:
         path: the folder.
         base: overrides the base model id of the manifests.
+        result: a continual run's result answering ``"auto"`` (None: its best task-agnostic one).
 
     Raises:
         FileNotFoundError: the folder holds neither a bank manifest nor a store catalogue.
         moe_lora.core.io.CorruptFileError: a manifest is not a moe-lora manifest.
     """
 
-    def __init__(self, path: str | Path, base: str | None = None):
+    def __init__(self, path: str | Path, base: str | None = None, result: str | None = None):
         self.path = Path(path)
         if (self.path / "CURRENT").is_file():
             self.kind = "bank"
@@ -76,7 +77,7 @@ class ServedFolder:
                 names = read_json(version / "store.json")["experts"]
             manifests = [read_manifest(self.path / "experts" / n) for n in names.values()]
         elif (self.path / "results.json").is_file() and (self.path / "checkpoints").is_dir():
-            self._open_run(base)
+            self._open_run(base, result)
             return
         else:
             raise FileNotFoundError(
@@ -92,12 +93,12 @@ class ServedFolder:
         ]
         self.heads_meta = read_json(self.path / "heads.json") if self.has_heads else None
 
-    def _open_run(self, base: str | None) -> None:
+    def _open_run(self, base: str | None, result: str | None) -> None:
         """A continual run: its served strategy's experts, labels and results."""
         from moe_lora.continual.serve import describe_run
 
         self.kind = "run"
-        self.run = describe_run(self.path)
+        self.run = describe_run(self.path, result)
         self.base_id = base or self.run["base"]
         self.experts = [ExpertEntry(e["name"], e["task"], int(e["rank"]), {})
                         for e in self.run["experts"]]

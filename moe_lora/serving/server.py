@@ -22,7 +22,7 @@ def build_server(path: str | Path, config: ServeConfig | None = None) -> ls.LitS
         FileNotFoundError: ``path`` is neither a saved bank nor an adapter store.
     """
     config = config or ServeConfig()
-    folder = ServedFolder(path, config.base)
+    folder = ServedFolder(path, config.base, config.result)
     metrics = Metrics(max_workers=config.workers * 16)
     api = BankAPI(folder.path, config, metrics, BankSpec(folder, config, metrics))
     return ls.LitServer(api, accelerator=config.device, workers_per_device=config.workers,

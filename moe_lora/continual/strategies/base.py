@@ -106,6 +106,10 @@ class RunContext:
         """Global class ids of tasks ``0..task``."""
         return self.stream.seen_class_ids(task)
 
+    def frozen_features(self, ex: Examples) -> Tensor:
+        """``[N, D]`` float64 frozen base embeddings of ``ex`` (from :attr:`embeddings`)."""
+        return torch.from_numpy(np.stack([self.embeddings[k] for k in ex.keys])).double()
+
     def new_heads(self) -> TaskHeads:
         """Empty task heads over the stream's classes, on the model's device."""
         return TaskHeads(self.backbone.dim, self.n_classes).to(self.device)

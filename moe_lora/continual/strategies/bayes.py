@@ -27,7 +27,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,11 +91,6 @@ class StatsOptions:
               "must be values > 0")
 
 
-def frozen_features(shared: Shared, ex: Examples) -> Tensor:
-    """``[N, D]`` float64 frozen base embeddings of ``ex`` (the run's embedding table)."""
-    return torch.from_numpy(np.stack([shared.ctx.embeddings[k] for k in ex.keys])).double()
-
-
 class FactoredBayes(Inference):
     """The factored Bayes router (see the module docstring)."""
 
@@ -118,13 +112,13 @@ class FactoredBayes(Inference):
     def after_task(self, task: int) -> None:
         s, ctx = self.shared, self.shared.ctx
         train = ctx.tasks[task].train
-        f = frozen_features(s, train)
+        f = s.ctx.frozen_features(train)
         self.gauss.update(f, train.labels)
         self.ranpac.update(f, train.labels)
         pool = train if s.previous_replay is None else Examples.concat([train, s.previous_replay])
         new = torch.zeros(len(pool), dtype=torch.bool)
         new[: len(train)] = True
-        self.elg.update(frozen_features(s, pool), s.expert_logits(task, pool), pool.labels, new,
+        self.elg.update(s.ctx.frozen_features(pool), s.expert_logits(task, pool), pool.labels, new,
                         self.gauss)
         val = Examples.concat([pt.val for pt in ctx.tasks[: task + 1]])
         if len(val):
@@ -134,7 +128,7 @@ class FactoredBayes(Inference):
 
     def _calibrate(self, task: int, val: Examples) -> None:
         """λ, the temperatures and (``auto``) alpha, w_z, top_k on the seen tasks' validation."""
-        f = frozen_features(self.shared, val)
+        f = self.shared.ctx.frozen_features(val)
         self.ranpac.select_lambda(f, val.labels, self.opts.lambdas)
         cols = self._columns(val.labels)
         self.tau["ranpac"] = fit_temperature(self.ranpac.logits(f), cols, TEMPS)
@@ -194,7 +188,7 @@ class FactoredBayes(Inference):
         return torch.tensor(self.gauss.classes)[probs.argmax(1)], p_task
 
     def predict(self, step: int, test: Examples) -> Prediction:
-        f = frozen_features(self.shared, test)
+        f = self.shared.ctx.frozen_features(test)
         z = self.shared.expert_logits(step, test)
         preds, p_task = self._classes(f, z, step, **self.chosen)
         return Prediction(classes=preds, task_weights=p_task.float())

@@ -13,22 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from moe_lora.continual.prepared import Examples
 from moe_lora.continual.registry import register_strategy
 from moe_lora.continual.settings import check
-from moe_lora.continual.strategies.base import Prediction, RunContext, Strategy
+from moe_lora.continual.strategies.base import Prediction, Strategy
 from moe_lora.routers.statistics import NCMHead, RanPACHead
 
 __all__ = ["NCM", "RanPAC", "RanPACOptions"]
-
-
-def _features(ctx: RunContext, ex: Examples) -> Tensor:
-    """``[N, D]`` float64 frozen embeddings of ``ex``."""
-    return torch.from_numpy(np.stack([ctx.embeddings[k] for k in ex.keys])).double()
 
 
 class _FrozenHead(Strategy):
@@ -38,10 +31,10 @@ class _FrozenHead(Strategy):
 
     def train_task(self, task: int) -> None:
         train = self.ctx.tasks[task].train
-        self.head.update(_features(self.ctx, train), train.labels)
+        self.head.update(self.ctx.frozen_features(train), train.labels)
 
     def evaluate(self, step: int, task: int, test: Examples) -> dict[str, Prediction]:
-        cols = self.head.logits(_features(self.ctx, test)).argmax(1)
+        cols = self.head.logits(self.ctx.frozen_features(test)).argmax(1)
         return {self.results[0]: Prediction(classes=torch.tensor(self.head.classes)[cols])}
 
 
@@ -90,7 +83,7 @@ class RanPAC(_FrozenHead):
     def after_task(self, task: int) -> None:
         val = Examples.concat([pt.val for pt in self.ctx.tasks[: task + 1]])
         if len(val):
-            self.head.select_lambda(_features(self.ctx, val), val.labels, self.options.lambdas)
+            self.head.select_lambda(self.ctx.frozen_features(val), val.labels, self.options.lambdas)
         else:
             self.head.fit(self.options.lambdas[0])
 
