@@ -28,7 +28,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from moe_lora.continual import registry
-from moe_lora.continual.checkpoint import check_resume, load_checkpoint, save_checkpoint
+from moe_lora.continual.checkpoint import (
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+    split_state,
+)
 from moe_lora.continual.console import EpochTicker, RunProgress
 from moe_lora.continual.module import MoELoRAModule
 from moe_lora.continual.prepared import Examples, loader, prepare_stream
@@ -197,7 +202,7 @@ class ContinualRunner:
             if is_rank_zero():
                 save_checkpoint(self.out / "checkpoints" / spec.name, to_dict(self.cfg),
                                 strategy, record, self.ctx.bank)
-        self.digests[spec.name] = _gather(_digest(self.ctx.bank))
+        self.digests[spec.name] = _gather(_digest(self.ctx.bank, strategy))
         entries = record.entries(spec, strategy.fwt_baseline, strategy.row(n - 1))
         self.progress.write(_done_line(spec.name, entries, time.perf_counter() - t_start))
         return entries
@@ -255,13 +260,16 @@ def _done_line(name: str, entries: dict[str, Any], seconds: float) -> str:
     return f"{name}: done in {seconds:.0f} s ({', '.join(parts)})"
 
 
-def _digest(bank: ExpertBank) -> str:
-    """SHA-256 over the bank's expert tensors (rank equality in DDP runs)."""
+def _digest(bank: ExpertBank, strategy: Strategy) -> str:
+    """SHA-256 over the bank's expert tensors and every tensor of the strategy's checkpoint
+    state (heads, gates, statistics): equal on every rank of a DDP run."""
     h = hashlib.sha256()
-    for name in bank.names:
-        for key, t in sorted(bank.expert_parameters(name).items()):
-            h.update(key.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    tensors = {f"bank/{name}/{key}": t for name in bank.names
+               for key, t in bank.expert_parameters(name).items()}
+    tensors |= split_state(strategy.state_dict(), "state")[1]
+    for key, t in sorted(tensors.items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -330,9 +330,15 @@ def load_config(
 def config_from_dict(saved: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """A run config from :func:`to_dict`'s output (e.g. a checkpoint's), with ``overrides``.
 
+    The sections of strategies that this process has not registered (a strategy of the user's
+    own that the saving process had imported) are dropped unless ``strategies.run`` names them.
+
     Raises:
         ConfigError: as :func:`load_config`.
     """
+    known = {spec.name for spec in registry.specs()} | {"run"}
+    sections = dict(saved.get("strategies", {}))
+    saved = {**saved, "strategies": {k: v for k, v in sections.items() if k in known}}
     return _merge(_schema(), [
         ("saved config", OmegaConf.create(saved)),
         ("overrides", OmegaConf.from_dotlist(list(overrides))),
