@@ -70,7 +70,7 @@ class RunPredictor:
         run_dir = Path(run_dir)
         spec, results = serve_choice(run_dir, result)
         cfg = run_config(run_dir)
-        self.device = resolve_device(device if device != "cpu" else "cpu")
+        self.device = resolve_device(device)
         stream = build_stream(cfg.data.stream())
         backbone = build_backbone(cfg, stream)
         bank = ExpertBank(backbone.model, targets=backbone.lora_targets(cfg.model.targets),

@@ -147,10 +147,11 @@ class FactoredBayes(Inference):
 
     def _select(self, task: int, val: Examples, f: Tensor) -> None:
         z = self.shared.expert_logits(task, val)
+        parts = self._parts(f, z)  # once: every grid point only re-weighs them
         grid = itertools.product(self.opts.alphas, self.opts.w_zs, self.opts.top_ks)
         best = None
         for alpha, w_z, top_k in grid:  # ties go to the first (the simplest) setting
-            pred = self._classes(f, z, task, alpha, w_z, top_k)[0]
+            pred = self._classes(parts, z, task, alpha, w_z, top_k)[0]
             acc = float((pred == val.labels).double().mean())
             if best is None or acc > best[0]:
                 best = (acc, {"alpha": alpha, "w_z": w_z, "top_k": top_k})
@@ -164,17 +165,24 @@ class FactoredBayes(Inference):
     def _columns(self, labels: Tensor) -> Tensor:
         return torch.tensor([self.gauss.classes.index(int(c)) for c in labels])
 
-    def _classes(self, f: Tensor, z: Tensor, step: int, alpha: float, w_z: float,
+    def _parts(self, f: Tensor, z: Tensor) -> dict[str, Tensor]:
+        """The three terms of the rule, ``[N, C]`` each: calibrated LDA and RanPAC
+        log-posteriors and the experts' evidence."""
+        lda = self.gauss.lda_scores(f, self.opts.lda_shrinkage) / self.tau["lda"]
+        return {"lda": lda.log_softmax(1),
+                "ranpac": (self.ranpac.logits(f) / self.tau["ranpac"]).log_softmax(1),
+                "experts": self.elg.scores(f, z)}
+
+    def _classes(self, parts: dict[str, Tensor], z: Tensor, step: int, alpha: float, w_z: float,
                  top_k: int) -> tuple[Tensor, Tensor]:
-        """(predicted class ids ``[N]``, task weights ``[N, step+1]``)."""
-        logp = torch.zeros(len(f), len(self.gauss.classes), dtype=torch.float64)
+        """(predicted class ids ``[N]``, task weights ``[N, step+1]``) from :meth:`_parts`."""
+        logp = torch.zeros_like(parts["lda"])
         if alpha > 0:
-            lda = self.gauss.lda_scores(f, self.opts.lda_shrinkage) / self.tau["lda"]
-            logp = logp + alpha * lda.log_softmax(1)
+            logp = logp + alpha * parts["lda"]
         if alpha < 1:
-            logp = logp + (1 - alpha) * (self.ranpac.logits(f) / self.tau["ranpac"]).log_softmax(1)
+            logp = logp + (1 - alpha) * parts["ranpac"]
         if w_z > 0:
-            logp = logp + w_z * self.elg.scores(f, z)
+            logp = logp + w_z * parts["experts"]
         probs = logp.softmax(1)
         task_of = torch.tensor([self.task_of[c] for c in self.gauss.classes])
         p_task = task_posterior(probs, task_of, step + 1)
@@ -190,7 +198,7 @@ class FactoredBayes(Inference):
     def predict(self, step: int, test: Examples) -> Prediction:
         f = self.shared.ctx.frozen_features(test)
         z = self.shared.expert_logits(step, test)
-        preds, p_task = self._classes(f, z, step, **self.chosen)
+        preds, p_task = self._classes(self._parts(f, z), z, step, **self.chosen)
         return Prediction(classes=preds, task_weights=p_task.float())
 
     # ---------------------------------------------------------------- checkpoints
