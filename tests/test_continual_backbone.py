@@ -32,6 +32,47 @@ def test_cached_prefix_equals_full_forward(minilm, lora_layers):
     assert (base - full).abs().max() > 1e-3  # the experts do act
 
 
+@pytest.mark.parametrize(("lora_layers", "count"), [(2, 3), (2, 1), (1, 2), (0, 7)])
+def test_layer_features_equal_the_models_own_hidden_states(minilm, lora_layers, count):
+    """The multi-layer frozen features are the models' hidden states, mean-pooled, L2-normed,
+    and the last of them is the base embedding (one expert-free pass, taps above the cache)."""
+    from moe_lora.continual.prepared import Examples, feature_layers, frozen_tables
+
+    model, tok = minilm
+    bb = EncoderBackbone(model, tok, lora_layers=lora_layers, max_length=64)
+    bank = ExpertBank(model, targets=bb.lora_targets([]), base_id="minilm")
+    bank.add_expert("a", ExpertConfig(init="random"))  # present but not used by the taps
+    assert feature_layers(count, bb) == count
+    ex = Examples(bb.prefix(TEXTS), torch.zeros(4, dtype=torch.long),
+                  torch.zeros(4, dtype=torch.long), list(TEXTS))
+    emb, feat = frozen_tables(ex, bb, bank, count, batch_size=3)
+    with torch.no_grad():
+        t = tok(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        hidden = model(**t, output_hidden_states=True).hidden_states  # embeddings, block 1..n
+    m = t["attention_mask"].unsqueeze(-1).float()
+    ref = torch.cat([torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+                     for h in hidden[len(hidden) - count:]], 1)
+    got = torch.stack([torch.from_numpy(feat[k]) for k in TEXTS])
+    assert got.shape == (4, count * bb.dim)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack([torch.from_numpy(emb[k]) for k in TEXTS]),
+                               ref[:, -bb.dim:], atol=2e-5, rtol=1e-4)
+
+
+def test_feature_layers_beyond_the_cache_is_a_config_error(minilm):
+    from moe_lora.continual.prepared import feature_layers
+    from moe_lora.continual.settings import ConfigError
+
+    model, tok = minilm
+    bb = EncoderBackbone(model, tok, lora_layers=2)
+    assert feature_layers(0, bb) == 3  # automatic: the cached state and the two LoRA blocks
+    with pytest.raises(ConfigError, match=r"model.feature_layers=4.*at most 3"):
+        feature_layers(4, bb)
+    assert feature_layers(0, MLPBackbone(8, hidden=16)) == 1
+    with pytest.raises(ConfigError, match="model.feature_layers=2"):
+        feature_layers(2, MLPBackbone(8, hidden=16))
+
+
 def test_olora_orthogonality_is_one_matmul_per_layer_equal_to_loop():
     bb = MLPBackbone(16, hidden=32, depth=2)
     bank = ExpertBank(bb.model, targets=bb.lora_targets([]))

@@ -121,3 +121,27 @@ def test_stats_router_reports_its_task_prediction_and_beats_chance(digits):
     assert stats["wp"] == pytest.approx(results["experts-taskid"]["average_accuracy"], abs=1e-4)
     assert stats["tp"] >= 0.9 and stats["average_accuracy"] >= 0.9
     assert len(stats["tp_per_task"]) == 5
+
+
+def test_frozen_feature_kinds_read_their_own_table():
+    """``sentence`` reads the embedding table, ``layers`` the multi-layer table (its width
+    ``feature_layers * D``); with one layer both are the embedding."""
+    from types import SimpleNamespace
+
+    from moe_lora.continual.settings import ConfigError
+    from moe_lora.continual.strategies.base import RunContext
+    from moe_lora.continual.strategies.frozen import NCMOptions
+
+    emb = {"a": np.array([1.0, 0.0], np.float32), "b": np.array([0.0, 1.0], np.float32)}
+    feat = {k: np.concatenate([v, -v, 2 * v]) for k, v in emb.items()}
+    ex = Examples([torch.zeros(1)] * 2, torch.zeros(2).long(), torch.zeros(2).long(), ["b", "a"])
+    ctx = RunContext(None, None, SimpleNamespace(dim=2), None, [], emb, None,  # type: ignore[arg-type]
+                     features=feat, feature_layers=3)
+    assert ctx.frozen_features(ex).tolist() == [[0, 1], [1, 0]]
+    assert ctx.frozen_features(ex, "layers").tolist() == [[0, 1, 0, -1, 0, 2], [1, 0, -1, 0, 2, 0]]
+    assert (ctx.feature_dim("sentence"), ctx.feature_dim("layers")) == (2, 6)
+    one = RunContext(None, None, SimpleNamespace(dim=2), None, [], emb, None,  # type: ignore[arg-type]
+                     features=emb, feature_layers=1)
+    assert one.frozen_features(ex, "layers").tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(ConfigError, match="strategies.ncm.features"):
+        NCMOptions(features="penultimate")

@@ -3,7 +3,8 @@
 :func:`prepare_stream` runs each split of each task through the backbone's frozen prefix once
 (:mod:`moe_lora.models.backbones`) and through the whole frozen base once more to get the base embedding
 that retrieval routing indexes (for MiniLM, the mean-pooled sentence embedding; for the MLP, its
-features), so no strategy ever recomputes either.
+features), so no strategy ever recomputes either. The same pass also pools the layers below the
+last one into the multi-layer frozen features (``model.feature_layers``) that statistics routers use.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from moe_lora.continual.settings import ConfigError
 from moe_lora.core.bank import ExpertBank
 from moe_lora.data import Split, Task, TaskStream
 from moe_lora.models.backbones import Backbone
 
-__all__ = ["Examples", "PreparedTask", "Collate", "loader", "prepare_stream"]
+__all__ = ["Collate", "Examples", "PreparedTask", "base_embeddings", "feature_layers", "frozen_tables",
+           "loader", "prepare_stream"]
 
 
 @dataclass
@@ -148,40 +151,81 @@ def _examples(split: Split, task_id: int, name: str, backbone: Backbone) -> Exam
     return ex.select(sorted(range(len(ex)), key=lambda i: (ex.states[i].shape[0], i)))
 
 
+def feature_layers(requested: int, backbone: Backbone) -> int:
+    """How many layers the multi-layer frozen features pool (``model.feature_layers``; 0: auto).
+
+    Raises:
+        ConfigError: more layers than the backbone can tap without an extra forward pass.
+    """
+    available = backbone.tap_layers
+    if requested == 0:
+        return min(3, available)
+    if requested > available:
+        raise ConfigError(f"model.feature_layers={requested}: this model can pool at most "
+                          f"{available} layers (the cached state and the {available - 1} LoRA "
+                          "blocks above it; raise model.lora_layers to tap more)")
+    return requested
+
+
 @torch.no_grad()
-def base_embeddings(
-    examples: Examples, backbone: Backbone, bank: ExpertBank, batch_size: int = 256
-) -> dict[str, np.ndarray]:
-    """Key -> L2-normalised base-model embedding (no expert active) of every example."""
-    out: dict[str, np.ndarray] = {}
+def frozen_tables(
+    examples: Examples, backbone: Backbone, bank: ExpertBank, layers: int = 1,
+    batch_size: int = 256,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two key -> vector tables of every example, from one expert-free pass of the suffix:
+
+    * the L2-normalised base embedding (the last layer's pooled output: the retrieval keys'
+      space, for MiniLM its sentence-transformers embedding);
+    * the multi-layer frozen features: the pooled outputs of the last ``layers`` layers, each
+      L2-normalised, concatenated (``[layers * D]``; with ``layers=1`` the embedding itself).
+    """
+    emb: dict[str, np.ndarray] = {}
+    feat: dict[str, np.ndarray] = {}
     order = sorted(range(len(examples)), key=lambda i: examples.states[i].shape[0])
     with bank.use(None):
         for s in range(0, len(order), batch_size):
             ids = order[s : s + batch_size]  # similar lengths together: little padding
-            feats = F.normalize(backbone(backbone.collate([examples.states[i] for i in ids])), dim=-1)
-            for i, f in zip(ids, feats.numpy(), strict=True):
-                out[examples.keys[i]] = f.astype(np.float32)
-    return out
+            batch = backbone.collate([examples.states[i] for i in ids])
+            pooled = [F.normalize(p, dim=-1) for p in backbone.layer_features(batch, layers)]
+            last = pooled[-1].float().cpu().numpy()
+            multi = torch.cat(pooled, 1).float().cpu().numpy() if layers > 1 else last
+            for row, i in enumerate(ids):
+                key = examples.keys[i]
+                emb[key] = last[row]
+                feat[key] = multi[row]
+    return emb, feat
+
+
+def base_embeddings(
+    examples: Examples, backbone: Backbone, bank: ExpertBank, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """Key -> L2-normalised base-model embedding (no expert active) of every example."""
+    return frozen_tables(examples, backbone, bank, 1, batch_size)[0]
 
 
 def prepare_stream(
-    stream: TaskStream, backbone: Backbone, bank: ExpertBank, progress: bool = False
-) -> tuple[list[PreparedTask], dict[str, np.ndarray]]:
-    """Cache every split of every task; returns the tasks and the base-embedding table.
+    stream: TaskStream, backbone: Backbone, bank: ExpertBank, progress: bool = False,
+    layers: int = 1,
+) -> tuple[list[PreparedTask], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Cache every split of every task; returns the tasks and the two :func:`frozen_tables`
+    (base embeddings, ``layers``-layer frozen features).
 
     ``progress`` shows a bar over the tasks' splits (the frozen prefix and the base embeddings).
     """
     tasks = []
     table: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}
     bar = tqdm(total=3 * len(stream), desc="caching frozen features", disable=not progress,
                leave=False, unit="split")
     for task in stream:
         splits = []
         for name in ("train", "val", "test"):
             ex = _examples(getattr(task, name), task.task_id, name, backbone)
-            table |= base_embeddings(ex, backbone, bank)
+            emb, feat = frozen_tables(ex, backbone, bank, layers)
+            table |= emb
+            features |= feat
             splits.append(ex)
             bar.update()
         tasks.append(PreparedTask(task, *splits))
     bar.close()
-    return tasks, table
+    return tasks, table, features

@@ -36,7 +36,7 @@ from moe_lora.continual.checkpoint import (
 )
 from moe_lora.continual.console import EpochTicker, RunProgress
 from moe_lora.continual.module import MoELoRAModule
-from moe_lora.continual.prepared import Examples, loader, prepare_stream
+from moe_lora.continual.prepared import Examples, feature_layers, loader, prepare_stream
 from moe_lora.continual.record import StepMetrics, StrategyRecord
 from moe_lora.continual.settings import ConfigError, RunConfig, to_dict
 from moe_lora.continual.strategies.base import RunContext, Strategy
@@ -136,10 +136,12 @@ class ContinualRunner:
         backbone = build_backbone(cfg, self.stream)
         targets = backbone.lora_targets(cfg.model.targets)
         bank = ExpertBank(backbone.model, targets=targets, base_id=cfg.model.name)
-        tasks, table = prepare_stream(self.stream, backbone, bank, progress=self.show)
+        layers = feature_layers(cfg.model.feature_layers, backbone)
+        tasks, table, features = prepare_stream(self.stream, backbone, bank, progress=self.show,
+                                                layers=layers)
         backbone.to(self.device)
         self.ctx = RunContext(cfg, self.stream, backbone, bank, tasks, table, self.fit,
-                              self.device)
+                              self.device, features, layers)
         self.prepare_seconds = time.perf_counter() - t0
         self.digests: dict[str, list[str]] = {}
         self.progress = RunProgress(0, enabled=False)
@@ -318,8 +320,9 @@ def run_continual(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if resume:  # refuse a different config before any model loads
         check_resume(out / "checkpoints", to_dict(cfg))
     if is_rank_zero():  # announced once the folder is accepted: a refusal is one line
-        log.info("%s: %d tasks, %s -> %s", cfg.data.benchmark, cfg.data.n_tasks,
-                 ", ".join(cfg.strategies.run), out)
+        shape = (f"{cfg.data.path} (its own tasks)" if cfg.data.benchmark == "file"
+                 else f"{cfg.data.n_tasks} tasks")
+        log.info("%s: %s, %s -> %s", cfg.data.benchmark, shape, ", ".join(cfg.strategies.run), out)
     runner = ContinualRunner(cfg, resume=resume, progress=progress)
     results = runner.run()
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)

@@ -18,7 +18,7 @@ import torch
 
 from moe_lora.continual import registry
 from moe_lora.continual.checkpoint import load_checkpoint
-from moe_lora.continual.prepared import Examples, base_embeddings
+from moe_lora.continual.prepared import Examples, feature_layers, frozen_tables
 from moe_lora.continual.runner import build_backbone, resolve_device
 from moe_lora.continual.saved import run_config
 from moe_lora.continual.strategies.base import Prediction, RunContext
@@ -26,7 +26,10 @@ from moe_lora.core.bank import ExpertBank
 from moe_lora.core.io import read_json
 from moe_lora.data import build_stream
 
-__all__ = ["RunPredictor", "describe_run", "serve_choice"]
+__all__ = ["EMBED_CACHE_ROWS", "RunPredictor", "describe_run", "serve_choice"]
+
+EMBED_CACHE_ROWS = 100_000
+"""Most served inputs whose frozen embeddings and features :class:`RunPredictor` keeps."""
 
 
 def _no_fit(*args: Any) -> None:
@@ -75,7 +78,8 @@ class RunPredictor:
         backbone = build_backbone(cfg, stream)
         bank = ExpertBank(backbone.model, targets=backbone.lora_targets(cfg.model.targets),
                           base_id=cfg.model.name)
-        self.ctx = RunContext(cfg, stream, backbone, bank, [], {}, _no_fit, self.device)
+        self.ctx = RunContext(cfg, stream, backbone, bank, [], {}, _no_fit, self.device, {},
+                              feature_layers(cfg.model.feature_layers, backbone))
         self.strategy = spec.cls(self.ctx, registry.options_of(spec, cfg.strategies), results)
         record = load_checkpoint(run_dir / "checkpoints" / spec.name, self.strategy, bank)
         if record is None or record.completed == 0:
@@ -95,7 +99,12 @@ class RunPredictor:
         states = self.ctx.backbone.prefix(texts)
         ex = Examples(states, torch.zeros(len(texts), dtype=torch.long),
                       torch.tensor(tasks, dtype=torch.long), list(texts))
-        self.ctx.embeddings.update(base_embeddings(ex, self.ctx.backbone, self.ctx.bank))
+        emb, feat = frozen_tables(ex, self.ctx.backbone, self.ctx.bank, self.ctx.feature_layers)
+        if len(self.ctx.embeddings) > EMBED_CACHE_ROWS:  # a long-running server: stay bounded
+            self.ctx.embeddings.clear()
+            self.ctx.features.clear()
+        self.ctx.embeddings.update(emb)
+        self.ctx.features.update(feat)
         return ex
 
     def predict(self, texts: Sequence[str], experts: Sequence[str | None],

@@ -83,6 +83,11 @@ class ModelConfig:
         rank, alpha, dropout: every expert's LoRA hyper-parameters.
         max_length: tokens kept per text (texts are padded per batch, not to this length).
         mlp_hidden, mlp_depth: width and number of hidden layers of the ``mlp`` base.
+        feature_layers: the multi-layer frozen features that statistics routers may use (their
+            ``features: layers`` option): the mean-pooled outputs of the last ``feature_layers``
+            frozen layers, each L2-normalised, concatenated. Only the cached state and the blocks
+            above it can be tapped (no extra forward pass): at most ``lora_layers + 1``. ``0``:
+            ``min(3, lora_layers + 1)`` for an encoder, 1 (the embedding) for the ``mlp``.
     """
 
     name: str = "minilm"
@@ -94,6 +99,7 @@ class ModelConfig:
     max_length: int = 64
     mlp_hidden: int = 128
     mlp_depth: int = 2
+    feature_layers: int = 0
 
     def __post_init__(self) -> None:
         check_finite(self, "model")
@@ -110,6 +116,7 @@ class ModelConfig:
         check(self.max_length >= 4, "model.max_length", "must be >= 4")
         check(self.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")
         check(self.mlp_depth >= 1, "model.mlp_depth", "must be >= 1")
+        check(self.feature_layers >= 0, "model.feature_layers", "must be >= 0 (0: automatic)")
 
 
 @dataclass

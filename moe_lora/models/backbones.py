@@ -58,6 +58,23 @@ class Backbone(nn.Module):
         """Pooled features ``[B, dim]`` of a collated batch (LoRA applies per the bank routing)."""
         raise NotImplementedError
 
+    @property
+    def tap_layers(self) -> int:
+        """How many layers :meth:`layer_features` can pool (the last of them is :meth:`forward`)."""
+        return 1
+
+    def layer_features(self, batch: dict[str, Tensor], count: int) -> list[Tensor]:
+        """Pooled outputs ``[B, dim]`` of the last ``count`` layers, bottom first, in one pass.
+
+        The last entry is :meth:`forward`'s output. Only layers from the cached state up can be
+        tapped (``count <= tap_layers``).
+
+        Raises:
+            ValueError: ``count`` is not in ``1..tap_layers``.
+        """
+        _check_taps(count, self.tap_layers)
+        return [self(batch)]
+
 
 class MLPBackbone(Backbone):
     """A frozen random MLP ``in -> hidden (-> hidden)* `` with ReLU, for feature inputs.
@@ -192,11 +209,35 @@ class EncoderBackbone(Backbone):
         hidden = self._run_blocks(batch["hidden"], mask, self.split, len(self.blocks))
         return mean_pool(hidden, mask)
 
+    @property
+    def tap_layers(self) -> int:
+        """The cached state (the output of the last frozen block) and every block above it."""
+        return len(self.blocks) - self.split + 1
+
+    def layer_features(self, batch: dict[str, Tensor], count: int) -> list[Tensor]:
+        _check_taps(count, self.tap_layers)
+        mask = batch["attention_mask"]
+        hidden = batch["hidden"]
+        ext = self._mask(hidden, mask)
+        first = self.tap_layers - count  # 0: the cached state itself
+        out = [mean_pool(hidden, mask)] if first == 0 else []
+        for i, block in enumerate(list(self.blocks)[self.split:], start=1):
+            hidden = block(hidden, ext)
+            if i >= first:
+                out.append(mean_pool(hidden, mask))
+        return out
+
     def full_forward(self, texts: Sequence[str]) -> Tensor:
         """The whole model on ``texts`` (no cache), mean-pooled ``[B, D]``: the reference path."""
         tok = self.tokenize(texts)
         out = self.model(**tok).last_hidden_state
         return mean_pool(out, tok["attention_mask"])
+
+
+def _check_taps(count: int, available: int) -> None:
+    if not 1 <= count <= available:
+        raise ValueError(f"model.feature_layers={count}: this backbone can pool 1..{available} "
+                         "layers (the cached state and the blocks above it)")
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -76,6 +76,9 @@ class RunContext:
         embeddings: retrieval key -> L2-normalised frozen base embedding ``[D]``.
         fit: one Lightning fit with the run's trainer settings.
         device: where the model lives.
+        features: retrieval key -> multi-layer frozen features ``[feature_layers * D]``
+            (:func:`~moe_lora.continual.prepared.frozen_tables`; empty: use ``embeddings``).
+        feature_layers: how many layers ``features`` pools.
     """
 
     cfg: RunConfig
@@ -86,6 +89,8 @@ class RunContext:
     embeddings: dict[str, np.ndarray]
     fit: Fit
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_layers: int = 1
 
     @property
     def n_tasks(self) -> int:
@@ -106,9 +111,16 @@ class RunContext:
         """Global class ids of tasks ``0..task``."""
         return self.stream.seen_class_ids(task)
 
-    def frozen_features(self, ex: Examples) -> Tensor:
-        """``[N, D]`` float64 frozen base embeddings of ``ex`` (from :attr:`embeddings`)."""
-        return torch.from_numpy(np.stack([self.embeddings[k] for k in ex.keys])).double()
+    def frozen_features(self, ex: Examples, kind: str = "sentence") -> Tensor:
+        """Float64 frozen features of ``ex``: ``kind="sentence"`` the base embeddings ``[N, D]``
+        (:attr:`embeddings`), ``"layers"`` the multi-layer features ``[N, feature_layers * D]``
+        (:attr:`features`)."""
+        table = self.features if kind == "layers" and self.feature_layers > 1 else self.embeddings
+        return torch.from_numpy(np.stack([table[k] for k in ex.keys])).double()
+
+    def feature_dim(self, kind: str = "sentence") -> int:
+        """Width of :meth:`frozen_features` of that ``kind``."""
+        return self.backbone.dim * (self.feature_layers if kind == "layers" else 1)
 
     def new_heads(self) -> TaskHeads:
         """Empty task heads over the stream's classes, on the model's device."""

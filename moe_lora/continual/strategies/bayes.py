@@ -1,7 +1,8 @@
 """``experts-stats``: the factored Bayes router over every class seen so far.
 
-With ``f`` the frozen base embedding of an input (its sentence embedding, the retrieval keys'
-space) and ``z`` the logits of every seen expert's own head (expert ``e`` alone, its classes)::
+With ``f`` the frozen features of an input (``features: layers``, the default: the mean-pooled
+outputs of the last ``model.feature_layers`` frozen layers, each L2-normalised, concatenated;
+``sentence``: the base embedding, the retrieval keys' space) and ``z`` the logits of every seen expert's own head (expert ``e`` alone, its classes)::
 
     log P(c | x) = alpha * log softmax(LDA(f) / tau_L) + (1 - alpha) * log softmax(RanPAC(f) / tau_R)
                  + w_z * log p(z | f, c)
@@ -33,6 +34,7 @@ from torch import Tensor
 from moe_lora.continual.prepared import Examples
 from moe_lora.continual.settings import check, check_finite
 from moe_lora.continual.strategies.base import Prediction
+from moe_lora.continual.strategies.frozen import check_features
 from moe_lora.continual.strategies.inference import Inference, Shared
 from moe_lora.routers.statistics import (
     ExpertLogitGaussian,
@@ -61,6 +63,7 @@ class StatsOptions:
         alphas, w_zs, top_ks: the grids of ``auto``.
         lda_shrinkage: shrinkage of the LDA covariance. n_proj: RanPAC random features.
         lambdas: RanPAC ridge values (chosen on validation after every task).
+        features: the frozen features ``f``: ``layers`` (multi-layer) or ``sentence``.
     """
 
     select: str = "auto"
@@ -73,10 +76,12 @@ class StatsOptions:
     lda_shrinkage: float = 0.01
     n_proj: int = 5000
     lambdas: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
+    features: str = "layers"
 
     def __post_init__(self) -> None:
         s = "strategies.experts.stats"
         check_finite(self, s)
+        check_features(self.features, f"{s}.features")
         check(self.select in ("auto", "fixed"), f"{s}.select", "must be 'auto' or 'fixed'")
         check(0.0 <= self.alpha <= 1.0, f"{s}.alpha", "must be in [0, 1]")
         check(all(0.0 <= a <= 1.0 for a in self.alphas) and bool(self.alphas), f"{s}.alphas",
@@ -99,26 +104,35 @@ class FactoredBayes(Inference):
     def __init__(self, shared: Shared):
         super().__init__(shared)
         self.opts: StatsOptions = shared.options.stats
-        dim = shared.ctx.backbone.dim
-        self.gauss = GaussianStats(dim)
-        self.ranpac = RanPACHead(dim, self.opts.n_proj, seed=shared.ctx.cfg.train.seed)
-        self.elg = ExpertLogitGaussian()
+        self._build(self.opts.features)
         self.tau = {"lda": 1.0, "ranpac": 1.0}
         self.head_tau: list[float] = []
         self.chosen = {"alpha": self.opts.alpha, "w_z": self.opts.w_z, "top_k": self.opts.top_k}
         self.task_of = {c: t.task_id for t in shared.ctx.stream for c in t.class_ids}
 
+    def _build(self, kind: str) -> None:
+        """Empty statistics over the ``kind`` frozen features."""
+        self.kind = kind
+        dim = self.shared.ctx.feature_dim(kind)
+        self.gauss = GaussianStats(dim)
+        self.ranpac = RanPACHead(dim, self.opts.n_proj, seed=self.shared.ctx.cfg.train.seed)
+        self.elg = ExpertLogitGaussian()
+
+    def features(self, ex: Examples) -> Tensor:
+        """The frozen features ``f`` of ``ex``."""
+        return self.shared.ctx.frozen_features(ex, self.kind)
+
     # ---------------------------------------------------------------- after a task
     def after_task(self, task: int) -> None:
         s, ctx = self.shared, self.shared.ctx
         train = ctx.tasks[task].train
-        f = s.ctx.frozen_features(train)
+        f = self.features(train)
         self.gauss.update(f, train.labels)
         self.ranpac.update(f, train.labels)
         pool = train if s.previous_replay is None else Examples.concat([train, s.previous_replay])
         new = torch.zeros(len(pool), dtype=torch.bool)
         new[: len(train)] = True
-        self.elg.update(s.ctx.frozen_features(pool), s.expert_logits(task, pool), pool.labels, new,
+        self.elg.update(self.features(pool), s.expert_logits(task, pool), pool.labels, new,
                         self.gauss)
         val = Examples.concat([pt.val for pt in ctx.tasks[: task + 1]])
         if len(val):
@@ -128,7 +142,7 @@ class FactoredBayes(Inference):
 
     def _calibrate(self, task: int, val: Examples) -> None:
         """λ, the temperatures and (``auto``) alpha, w_z, top_k on the seen tasks' validation."""
-        f = self.shared.ctx.frozen_features(val)
+        f = self.features(val)
         self.ranpac.select_lambda(f, val.labels, self.opts.lambdas)
         cols = self._columns(val.labels)
         self.tau["ranpac"] = fit_temperature(self.ranpac.logits(f), cols, TEMPS)
@@ -196,7 +210,7 @@ class FactoredBayes(Inference):
         return torch.tensor(self.gauss.classes)[probs.argmax(1)], p_task
 
     def predict(self, step: int, test: Examples) -> Prediction:
-        f = self.shared.ctx.frozen_features(test)
+        f = self.features(test)
         z = self.shared.expert_logits(step, test)
         preds, p_task = self._classes(self._parts(f, z), z, step, **self.chosen)
         return Prediction(classes=preds, task_weights=p_task.float())
@@ -205,6 +219,7 @@ class FactoredBayes(Inference):
     def state_dict(self) -> dict[str, Any]:
         g, r, e = self.gauss, self.ranpac, self.elg
         return {
+            "features": self.kind,
             "gauss": {"sums": g.sums, "counts": g.counts, "outer": g.outer, "classes": g.classes},
             "ranpac": {"gram": r.gram, "sums": r.targets.sums, "counts": r.targets.counts,
                        "classes": r.classes, "lam": r.lam},
@@ -214,6 +229,7 @@ class FactoredBayes(Inference):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._build(state.get("features", "sentence"))  # runs saved before the option: sentence
         g, r, e = state["gauss"], state["ranpac"], state["elg"]
         self.gauss.sums, self.gauss.counts, self.gauss.outer = g["sums"], g["counts"], g["outer"]
         self.gauss.classes = list(g["classes"])
