@@ -380,3 +380,35 @@ def test_uniform_per_sample_routing_takes_the_single_path():
         single = bank(x)
     with bank.use(Routing.per_sample(torch.tensor([1, 1, 1]))):
         torch.testing.assert_close(bank(x), single, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_dense_token_dispatch_equals_the_sorted_loop(trainable):
+    """The sync-free token path (scatter the top-k weights, one masked pass over every expert)
+    gives the loop's output and the loop's gradients, padding slots included."""
+    from moe_lora.core.layers import RoutingContext
+
+    bank = ExpertBank(tiny(), targets="all-linear")
+    for i, r in enumerate([2, 4, 3, 1, 2]):
+        bank.add_expert(f"e{i}", ExpertConfig(rank=r, init="random"), trainable=trainable)
+    layer = bank.layers["0"]
+    x = torch.randn(3, 5, 6)
+    y = layer.base(x)
+    idx = torch.randint(0, 5, (3, 5, 2))
+    idx[2, 3:, 1] = -1  # padding slots
+    w = torch.rand(3, 5, 2)
+    outs, grads = [], []
+    for mode in ("loop", "dense"):
+        bank.ctx.token_dispatch = mode
+        for p in bank.parameters():
+            p.grad = None
+        out = layer.apply_routing(x, y, Routing.per_token(idx, w))
+        outs.append(out.detach())
+        if trainable:
+            out.square().sum().backward()
+            grads.append(torch.cat([f.lora_A.grad.flatten() for f in layer.experts]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    if trainable:
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="token_dispatch='fast'"):
+        RoutingContext(token_dispatch="fast")

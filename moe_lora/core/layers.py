@@ -16,8 +16,13 @@ How the experts are weighted comes from the shared :class:`RoutingContext` (see
 * ``dense`` (weights over all experts): the used experts' factors are concatenated along the rank
   axis, ``h = x @ A_cat^T`` ([.., U*R]) is scaled column-wise by the weights and projected by
   ``B_cat``; all-zero weight columns are skipped and mostly-zero rows switch to the gathered path;
-* ``token`` (top-k per token): tokens are sorted by expert and each used expert runs once on its
-  tokens (standard MoE dispatch): unused experts cost nothing.
+* ``token`` (top-k per token), two implementations (``RoutingContext.token_dispatch``):
+  ``loop``: tokens are sorted by expert and each used expert runs once on its tokens (standard MoE
+  dispatch): unused experts cost nothing, but the loop needs the used experts on the host;
+  ``dense``: the top-k weights are scattered into ``[N, E]`` and every expert runs through one
+  concatenated ``x @ A_cat^T`` / ``h @ B_cat^T`` pair, masked by them: three kernels and no host
+  synchronisation, at ``2 * E * R / in`` times a base projection's FLOPs. ``auto`` (default) takes
+  ``dense`` on CUDA, where small shapes are launch-bound, and ``loop`` elsewhere.
 
 Frozen experts are read from a padded stack ``[E, R, in]`` / ``[E, out, R]`` built lazily and rebuilt
 when the bank changes; trainable experts are stacked live so that gradients reach them.
@@ -35,7 +40,11 @@ from torch import Tensor, nn
 from moe_lora.core.config import ExpertConfig
 from moe_lora.core.routing import GateOutput, Routing
 
-__all__ = ["LoRALayer", "LoRAFactors", "RoutingContext", "is_supported", "base_weight_shape"]
+__all__ = ["LoRALayer", "LoRAFactors", "RoutingContext", "TOKEN_DISPATCH", "is_supported",
+           "base_weight_shape"]
+
+TOKEN_DISPATCH = ("auto", "loop", "dense")
+"""Implementations of ``token`` routing (:attr:`RoutingContext.token_dispatch`)."""
 
 
 @dataclass
@@ -51,6 +60,8 @@ class RoutingContext:
         aux_losses: auxiliary losses reported by layer gates since the last pop.
         last_probs: each gated layer's last gate probabilities [N, E] (detached), for inspection.
         record: keep ``last_probs`` (off by default; it costs a copy per layer).
+        token_dispatch: how ``token`` routing runs: ``auto``, ``loop`` or ``dense`` (see the
+            module docstring).
     """
 
     routing: Routing = field(default_factory=Routing.base)
@@ -60,6 +71,12 @@ class RoutingContext:
     aux_losses: list[Tensor] = field(default_factory=list)
     last_probs: dict[str, Tensor] = field(default_factory=dict)
     record: bool = False
+    token_dispatch: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.token_dispatch not in TOKEN_DISPATCH:
+            raise ValueError(f"token_dispatch={self.token_dispatch!r}: expected one of "
+                             f"{', '.join(TOKEN_DISPATCH)}")
 
 
 def _conv1d_type() -> type | None:
@@ -291,9 +308,10 @@ class LoRALayer(nn.Module):
             ``A`` [U, R, in] and ``B`` [U, out, R]. Frozen experts come from a cached stack;
             if any is trainable, all are stacked live so gradients flow.
         """
-        ids = experts.tolist()
-        if any(self.experts[e].lora_A.requires_grad for e in ids):
-            return self._stack_live(ids)
+        if self._live():
+            ids = experts.tolist()
+            if any(self.experts[e].lora_A.requires_grad for e in ids):
+                return self._stack_live(ids)
         _, a_all, b_all = self._frozen_stack()
         experts = experts.to(a_all.device)
         return a_all.index_select(0, experts), b_all.index_select(0, experts)
@@ -322,24 +340,33 @@ class LoRALayer(nn.Module):
         bsz, k = indices.shape
         weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
-        uniq, inv = torch.unique(indices, return_inverse=True)
-        a_g, b_g = self._gathered(indices, uniq, inv)  # [B*k, R, in], [B*k, out, R]
+        a_g, b_g, used = self._gathered(indices)  # [B*k, R, in], [B*k, out, R]
         r = a_g.shape[1]
         a_g = a_g.reshape(bsz, k * r, self.in_features)  # [B, kR, in]
         b_g = b_g.reshape(bsz, k, self.out_features, r).permute(0, 2, 1, 3)
         b_g = b_g.reshape(bsz, self.out_features, k * r)  # [B, out, kR]
-        x3 = self._dropout(x, uniq.tolist()).reshape(bsz, -1, self.in_features)
+        x3 = self._dropout(x, used).reshape(bsz, -1, self.in_features)
         h = torch.bmm(x3, a_g.transpose(1, 2))  # [B, T, kR]
         h = h * weights.repeat_interleave(r, dim=1)[:, None, :]
         out = torch.baddbmm(y.reshape(bsz, -1, self.out_features), h, b_g.transpose(1, 2))
         return out.reshape(y.shape)
 
-    def _gathered(self, indices: Tensor, uniq: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-        """Each routing slot's factors, ``[B*k, R, in]`` and ``[B*k, out, R]`` (scale in B).
+    def _live(self) -> bool:
+        """Whether any expert trains (then factors are stacked live so gradients reach them)."""
+        return any(f.lora_A.requires_grad for f in self.experts)
+
+    def _gathered(self, indices: Tensor) -> tuple[Tensor, Tensor, list[int] | None]:
+        """Each routing slot's factors, ``[B*k, R, in]`` and ``[B*k, out, R]`` (scale in B), and
+        the used experts (``None`` when not needed: no host synchronisation then).
 
         All frozen: one gather per factor straight from the cached stack (its rank R is the bank's
         largest; padding rows are zero). Otherwise the used experts are stacked live and gathered.
         """
+        if not (self._live() or self.training):  # inference: no unique(), no host sync
+            _, a_u, b_u = self._frozen_stack()
+            flat = indices.reshape(-1)
+            return a_u.index_select(0, flat), b_u.index_select(0, flat), None
+        uniq, inv = torch.unique(indices, return_inverse=True)
         ids = uniq.tolist()
         if any(self.experts[e].lora_A.requires_grad for e in ids):
             a_u, b_u = self._stack_live(ids)
@@ -347,7 +374,7 @@ class LoRALayer(nn.Module):
         else:
             _, a_u, b_u = self._frozen_stack()
             flat = indices.reshape(-1)
-        return a_u.index_select(0, flat), b_u.index_select(0, flat)
+        return a_u.index_select(0, flat), b_u.index_select(0, flat), ids
 
     def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
         n_exp = len(self.experts)
@@ -372,6 +399,9 @@ class LoRALayer(nn.Module):
         return out.reshape(y.shape)
 
     def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        mode = self.ctx.token_dispatch
+        if mode == "dense" or (mode == "auto" and x.is_cuda):
+            return self._token_dense(x, y, indices, weights)
         k = indices.shape[-1]
         flat_e = indices.reshape(-1)
         flat_w = weights.reshape(-1).to(x.dtype)
@@ -392,6 +422,26 @@ class LoRALayer(nn.Module):
             delta.index_add_(0, tok, d)
             self.expert_calls += 1
         return y + delta.reshape(y.shape)
+
+    def _token_dense(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The ``token`` path without host synchronisation: every expert, masked by the top-k
+        weights scattered to ``[N, E]`` (see the module docstring)."""
+        n_exp = len(self.experts)
+        if self._live():
+            a_all, b_all = self._stack_live(list(range(n_exp)))
+        else:
+            _, a_all, b_all = self._frozen_stack()
+        r = a_all.shape[1]
+        w = weights.reshape(-1, indices.shape[-1]).to(x.dtype)
+        idx = indices.reshape(-1, indices.shape[-1])
+        w = w.masked_fill(idx < 0, 0.0)
+        w_full = w.new_zeros(idx.shape[0], n_exp).scatter_add_(1, idx.clamp_min(0), w)
+        x2 = self._dropout(x).reshape(-1, self.in_features)
+        h = (x2 @ a_all.reshape(n_exp * r, self.in_features).t()).view(-1, n_exp, r)
+        h = (h * w_full.unsqueeze(-1)).reshape(-1, n_exp * r)
+        b_cat = b_all.permute(1, 0, 2).reshape(self.out_features, n_exp * r)
+        out = torch.addmm(y.reshape(-1, self.out_features), h, b_cat.t())
+        return out.reshape(y.shape)
 
     def expert_outputs(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """Each expert's own output ``delta_e(x)``, stacked: [..., U, out] (no base, no weights).
