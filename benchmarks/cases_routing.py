@@ -65,6 +65,15 @@ def case_router(s: Settings) -> list[Row]:
         with torch.no_grad(), bank.use(router.routing()):
             return bank.model(**batch).last_hidden_state
 
+    def dispatched(mode: str) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            bank.ctx.token_dispatch = mode
+            try:
+                return gated()
+            finally:
+                bank.ctx.token_dispatch = "auto"
+        return run
+
     path, x = next(iter(xs.items()))
     out = layers[path].gate(x, layers[path])  # type: ignore[misc]
     probs = torch.softmax(x.reshape(-1, x.shape[-1]).float() @ layers[path].gate.weight.t(), -1)
@@ -72,7 +81,10 @@ def case_router(s: Settings) -> list[Row]:
     check_close("gate's top-2 ids vs softmax(x W^T).topk", out.routing.indices.reshape(-1, 2), top, s)
     check = check_close("gate's weights vs renormalised top-2 probs", out.routing.weights.reshape(
         -1, 2), top_p / top_p.sum(-1, keepdim=True), s)
-    t = time_interleaved({"gates": gates, "base": base, "gated": gated}, s)
+    same = check_close("gated forward, dense token dispatch vs sorted loop",
+                       dispatched("dense")(), dispatched("loop")(), s)
+    t = time_interleaved({"gates": gates, "base": base, "gated": gated,
+                          "dense": dispatched("dense"), "loop": dispatched("loop")}, s)
     share = 100 * t["gates"].min_s / t["base"].min_s
     return [
         Row.measured("7", f"top-2 router, {n_exp} experts, {b}x{t_len}: gates as % of base fwd",
@@ -80,6 +92,8 @@ def case_router(s: Settings) -> list[Row]:
                      b=t["base"]),
         Row.ratio("7", f"gated forward (router + top-2 of {n_exp} experts) vs base (reference)",
                   ("gated", t["gated"]), ("base", t["base"]), None, "timing only"),
+        Row.ratio("7", f"token dispatch, top-2 of {n_exp}: dense masked vs sorted loop (reference)",
+                  ("dense", t["dense"]), ("loop", t["loop"]), None, same),
     ]
 
 
