@@ -167,7 +167,41 @@ def test_file_stream_csv_with_split_column(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     stream = build_stream(FileStreamConfig(str(path)))
     assert len(stream) == 2 and len(stream[0].train) == 2 and len(stream[0].val) == 0
-    assert stream[1].test.inputs == ["row 5", "row 7"]
+    assert sorted(stream[1].test.inputs) == ["row 5", "row 7"]
+
+
+def test_file_stream_does_not_depend_on_the_files_row_order(tmp_path: Path) -> None:
+    """Rows within a task come in a canonical order (a hash of their content), and
+    ``order="sorted"`` sorts tasks and classes naturally: a shuffled or class-grouped copy of a
+    file gives the identical stream, split by split, row by row."""
+    import random
+
+    rows = [{"text": f"text {i}", "label": f"c{i % 3 + 3 * (i // 30)}", "task": str(10 - i // 30),
+             "split": ["train", "val", "test"][i % 3 if i % 5 else 0]} for i in range(90)]
+    grouped = sorted(rows, key=lambda r: (r["label"], r["text"]))
+    shuffled = list(rows)
+    random.Random(1).shuffle(shuffled)
+
+    def stream_of(name: str, data: list[dict[str, str]], order: str):
+        return build_stream(FileStreamConfig(str(_write_jsonl(tmp_path / name, data)), order=order))
+
+    def content(s):
+        return ([t.name for t in s], s.class_names, [t.class_ids for t in s],
+                [(list(getattr(t, sp).inputs), [s.class_names[c] for c in getattr(t, sp).labels])
+                 for t in s for sp in ("train", "val", "test")])
+
+    ref = content(stream_of("a.jsonl", rows, "sorted"))
+    assert ref[0] == ["8", "9", "10"]  # natural order, not the file's 10, 9, 8
+    assert content(stream_of("b.jsonl", grouped, "sorted")) == ref
+    assert content(stream_of("c.jsonl", shuffled, "sorted")) == ref
+    # by appearance, the file orders tasks and classes; rows inside a task still do not matter
+    appearance = content(stream_of("d.jsonl", rows, "appearance"))
+    assert appearance[0] == ["10", "9", "8"]
+    within = [r for t in ("10", "9", "8") for r in shuffled if r["task"] == t]
+    again = content(stream_of("e.jsonl", within, "appearance"))
+    assert again[3] == appearance[3] and sorted(again[1]) == sorted(appearance[1])
+    with pytest.raises(ValueError, match="FileStreamConfig.order"):
+        FileStreamConfig(str(tmp_path / "a.jsonl"), order="random")
 
 
 def test_file_stream_errors(tmp_path: Path) -> None:

@@ -115,12 +115,16 @@ def test_ranpac_equals_the_ridge_solution_in_numpy(digits):
 
 
 def test_stats_router_reports_its_task_prediction_and_beats_chance(digits):
-    _, results = digits
+    runner, results = digits
     stats = results["experts-stats"]
     assert stats["setting"] == "task-agnostic"
     assert stats["wp"] == pytest.approx(results["experts-taskid"]["average_accuracy"], abs=1e-4)
     assert stats["tp"] >= 0.9 and stats["average_accuracy"] >= 0.9
     assert len(stats["tp_per_task"]) == 5
+    facts = stats["details"]  # the knobs validation chose, reported with the numbers
+    opts = runner.cfg.strategies.experts.stats
+    assert facts["chosen"]["alpha"] in opts.alphas and facts["chosen"]["w_z"] in opts.w_zs
+    assert facts["ranpac_lambda"] in opts.lambdas and len(facts["head_temperatures"]) == 5
 
 
 def test_frozen_feature_kinds_read_their_own_table():

@@ -206,6 +206,9 @@ class ContinualRunner:
                                 strategy, record, self.ctx.bank)
         self.digests[spec.name] = _gather(_digest(self.ctx.bank, strategy))
         entries = record.entries(spec, strategy.fwt_baseline, strategy.row(n - 1))
+        for result, facts in strategy.details().items():
+            if result in entries:
+                entries[result]["details"] = facts
         self.progress.write(_done_line(spec.name, entries, time.perf_counter() - t_start))
         return entries
 

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe_lora.continual import registry
 from moe_lora.data import DigitsStreamConfig, FileStreamConfig, WordNetStreamConfig
+from moe_lora.data.files import ORDERS
 from moe_lora.models.loading import check_model_name
 
 __all__ = [
@@ -131,6 +132,9 @@ class DataConfig:
         seed: fixes the drawn classes and splits.
         max_text_length: ``file``: the longest text, label or task accepted, in characters (a
             longer one is refused naming the file and line).
+        order: ``file``: ``appearance`` (tasks and classes in the file's order) or ``sorted``
+            (task and class names sorted: no reordering of the file's rows changes a result).
+            Rows within a task are always put in a canonical order (a hash of their content).
     """
 
     benchmark: str = "split-wordnet"
@@ -143,9 +147,11 @@ class DataConfig:
     min_count: int = 500
     seed: int = 0
     max_text_length: int = 100_000
+    order: str = "appearance"
 
     def __post_init__(self) -> None:
         check(self.max_text_length >= 1, "data.max_text_length", "must be >= 1")
+        check(self.order in ORDERS, "data.order", f"must be one of {', '.join(ORDERS)}")
         check(self.benchmark in BENCHMARKS, "data.benchmark", f"must be one of {BENCHMARKS}")
         check(self.benchmark != "file" or bool(self.path), "data.path", "is required for 'file'")
         check(self.benchmark != "file" or Path(str(self.path)).is_file(), "data.path",
@@ -171,7 +177,7 @@ class DataConfig:
             return DigitsStreamConfig(n_tasks=self.n_tasks,
                                       classes_per_task=self.classes_per_task, seed=self.seed)
         return FileStreamConfig(str(self.path), seed=self.seed,
-                                max_text_length=self.max_text_length)
+                                max_text_length=self.max_text_length, order=self.order)
 
 
 @dataclass

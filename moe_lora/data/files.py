@@ -2,8 +2,18 @@
 
 Each row is one example with a text, a label and a task (column names configurable) and optionally a
 split (``train``/``val``/``test``). Rows without a split go to one by a hash of ``(seed, text)``, so
-the assignment is deterministic and does not depend on row order. Tasks are ordered by first
-appearance in the file; so are classes, whose global ids are their positions in that order.
+the assignment is deterministic and does not depend on row order.
+
+Results must not depend on how a file happens to be sorted (a file grouped by class is common):
+
+* inside each task and split, rows are put in a canonical order, by a hash of
+  ``(seed, label, text)``, so reordering the rows of a task changes nothing downstream;
+* ``order="appearance"`` (default) orders tasks by first appearance in the file, and classes by
+  first appearance within their task (the file defines the stream's order);
+  ``order="sorted"`` sorts task names and class names within each task (natural order: ``"2"``
+  before ``"10"``), so no reordering of the file's rows changes the stream.
+
+A class's global id is its position over the stream (task by task, in the order above).
 
 Files are UTF-8 (a leading byte-order mark is dropped); a byte sequence that is not UTF-8 is
 refused with the file, line and column. A text, label or task longer than
@@ -19,6 +29,7 @@ import csv
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +38,11 @@ import torch
 
 from moe_lora.data.stream import Split, Task, TaskStream
 
-__all__ = ["FileStreamConfig", "build_file_stream"]
+__all__ = ["FileStreamConfig", "ORDERS", "build_file_stream"]
 
 _SPLITS = ("train", "val", "test")
+ORDERS = ("appearance", "sorted")
+"""How a file's tasks and classes are ordered (:attr:`FileStreamConfig.order`)."""
 
 
 @dataclass
@@ -43,6 +56,7 @@ class FileStreamConfig:
         seed: salts the hash split of rows without a split.
         val_fraction, test_fraction: expected shares of hash-split rows in val and test.
         max_text_length: most characters of a text, label or task (longer ones are refused).
+        order: ``appearance`` or ``sorted``: how tasks and classes are ordered (module docstring).
 
     Raises:
         ValueError: a field is empty or out of range, or the suffix is unsupported (names the field).
@@ -57,8 +71,12 @@ class FileStreamConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     max_text_length: int = 100_000
+    order: str = "appearance"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"FileStreamConfig.order must be one of {list(ORDERS)}, "
+                             f"got {self.order!r}")
         for name in ("path", "text_field", "label_field", "task_field", "split_field"):
             if not str(getattr(self, name)):
                 raise ValueError(f"FileStreamConfig.{name} must not be empty")
@@ -155,6 +173,18 @@ def _iter_csv(
         ) from None
 
 
+def _row_key(row: _Row, seed: int) -> bytes:
+    """The canonical position of a row within its task: a hash of its content, not its line."""
+    return hashlib.sha256(f"{seed}\x00{row.label}\x00{row.text}\x00{row.split}".encode()).digest()
+
+
+def _natural_sorted(names: object) -> list[str]:
+    """Names sorted with digit runs compared as numbers (``"2"`` before ``"10"``)."""
+    def key(name: str) -> list[tuple[int, int | str]]:
+        return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
+    return sorted(names, key=key)  # type: ignore[call-overload]
+
+
 def _hash_split(text: str, cfg: FileStreamConfig) -> str:
     digest = hashlib.sha256(f"{cfg.seed}:{text}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
@@ -210,12 +240,18 @@ def build_file_stream(cfg: FileStreamConfig) -> TaskStream:
             example (names the task).
     """
     rows = _read_rows(cfg)
-    class_names = list(dict.fromkeys(r.label for r in rows))
+    arrange = _natural_sorted if cfg.order == "sorted" else list
+    by_task: dict[str, list[_Row]] = {}
+    for r in rows:
+        by_task.setdefault(r.task, []).append(r)
+    task_names = arrange(by_task)
+    task_classes = {t: arrange(dict.fromkeys(r.label for r in by_task[t])) for t in task_names}
+    class_names = list(dict.fromkeys(c for t in task_names for c in task_classes[t]))
     class_id = {c: i for i, c in enumerate(class_names)}
     tasks = []
-    for t, task_name in enumerate(dict.fromkeys(r.task for r in rows)):
-        task_rows = [r for r in rows if r.task == task_name]
-        classes = list(dict.fromkeys(r.label for r in task_rows))
+    for t, task_name in enumerate(task_names):
+        task_rows = sorted(by_task[task_name], key=lambda r: _row_key(r, cfg.seed))
+        classes = task_classes[task_name]
         splits = {}
         for split in _SPLITS:
             chosen = [r for r in task_rows if r.split == split]

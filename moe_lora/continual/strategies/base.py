@@ -197,6 +197,11 @@ class Strategy(ABC):
         name in :attr:`results`."""
 
     # ---------------------------------------------------------------- checkpoints
+    def details(self) -> dict[str, dict[str, Any]]:
+        """Per result name, JSON facts worth reporting next to its numbers in results.json
+        (``details``: e.g. the knobs a router chose on validation); none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state: tensors (saved to safetensors) and JSON values; heads included."""
         return {"heads": self.heads.state(), "fwt_baseline": self.fwt_baseline}

@@ -215,6 +215,12 @@ class FactoredBayes(Inference):
         preds, p_task = self._classes(self._parts(f, z), z, step, **self.chosen)
         return Prediction(classes=preds, task_weights=p_task.float())
 
+    def details(self) -> dict[str, Any]:
+        """The knobs in force after the last task (chosen on validation) and the features."""
+        return {"features": self.kind, "chosen": dict(self.chosen),
+                "ranpac_lambda": self.ranpac.lam, "temperatures": dict(self.tau),
+                "head_temperatures": list(self.head_tau)}
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         g, r, e = self.gauss, self.ranpac, self.elg

@@ -117,6 +117,9 @@ class Experts(Strategy):
             p.within = within
         return out
 
+    def details(self) -> dict[str, dict[str, Any]]:
+        return {r: d for r, inf in self.inferences.items() if (d := inf.details())}
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

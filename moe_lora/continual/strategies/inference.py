@@ -133,6 +133,10 @@ class Inference(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Restore :meth:`state_dict`'s output."""
 
+    def details(self) -> dict[str, Any]:
+        """JSON facts for results.json (see :meth:`Strategy.details`); none by default."""
+        return {}
+
 
 def _one_hot(routed: Tensor, n: int) -> Tensor:
     return F.one_hot(routed.long().cpu(), n).float()
