@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 OVERRIDES = ["data.n_tasks=2", "data.classes_per_task=2", "data.train_per_class=12",
              "data.val_per_class=2", "data.test_per_class=8", "train.epochs=1",
-             "strategies.run=[experts-taskid,experts-retrieval]", "output.plots=false",
+             "strategies.run=[experts-taskid,experts-retrieval,experts-stats]",
+             "output.plots=false", "strategies.experts.stats.n_proj=500",
              "strategies.experts.retrieval.keys_per_task=12"]
 
 
@@ -49,7 +50,7 @@ def _accuracies(answers, stream):
 
 def test_predictor_equals_the_evaluation(run):
     out, results, stream = run
-    predictor = RunPredictor(out)
+    predictor = RunPredictor(out, result="experts-retrieval")
     texts = [t for task in stream for t in task.test.inputs]
     tasks = [task.task_id + 1 for task in stream for _ in task.test.inputs]
     auto = predictor.predict(texts, [None] * len(texts), [None] * len(texts))
@@ -62,10 +63,23 @@ def test_predictor_equals_the_evaluation(run):
     assert all(a["result"] == "experts-retrieval" and a["experts"] for a in auto)
 
 
+def test_served_stats_router_equals_the_evaluation(run):
+    """The factored Bayes router served: multi-layer frozen features computed for new texts, its
+    statistics restored from the checkpoint; same accuracies as the run's last row."""
+    out, results, stream = run
+    predictor = RunPredictor(out, result="experts-stats")
+    assert predictor.ctx.feature_layers == 3
+    texts = [t for task in stream for t in task.test.inputs]
+    auto = predictor.predict(texts, [None] * len(texts), [None] * len(texts))
+    want = results["strategies"]["experts-stats"]["accuracy_matrix"][-1]
+    assert _accuracies(auto, stream) == pytest.approx(want, abs=1e-4)
+    assert results["strategies"]["experts-stats"]["details"]["features"] == "layers"
+
+
 def test_http_server_answers_like_the_run(run):
     out, results, stream = run
     texts = [t for task in stream for t in task.test.inputs]
-    with running_servers((out, ("--max-batch-size", "8"))) as (url,):
+    with running_servers((out, ("--max-batch-size", "8", "--result", "experts-retrieval"))) as (url,):
         experts = httpx.get(url + "/experts", timeout=30).json()
         assert [e["name"] for e in experts["experts"]] == ["task1", "task2"]
         assert experts["experts"][0]["labels"] == [stream.class_names[c]
