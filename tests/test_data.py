@@ -309,3 +309,22 @@ def test_a_huge_jsonl_line_is_refused_before_it_is_read_whole(tmp_path: Path) ->
     finally:
         tracemalloc.stop()
     assert peak < 2_000_000, peak
+
+
+def test_a_task_without_val_rows_gets_validation_carved_from_train(tmp_path: Path) -> None:
+    """Train/test-only files: 10 % of each class's training rows become validation (rounded down,
+    chosen by a hash of the text, so the file's order does not matter); opt out with
+    ``val_from_train=False``."""
+    rows = [{"text": f"{c} {i}", "label": c, "task": "t", "split": "train"}
+            for c in ("a", "b") for i in range(25)]
+    rows += [{"text": f"{c} test {i}", "label": c, "task": "t", "split": "test"}
+             for c in ("a", "b") for i in range(3)]
+    path = _write_jsonl(tmp_path / "tt.jsonl", rows)
+    task = build_stream(FileStreamConfig(str(path)))[0]
+    val, train = list(task.val.inputs), list(task.train.inputs)
+    assert len(val) == 4 and len(train) == 46 and not set(val) & set(train)
+    assert sorted(t.split()[0] for t in val) == ["a", "a", "b", "b"]  # 2 per class of 25
+    reordered = _write_jsonl(tmp_path / "rev.jsonl", list(reversed(rows)))
+    assert set(build_stream(FileStreamConfig(str(reordered)))[0].val.inputs) == set(val)
+    kept = build_stream(FileStreamConfig(str(path), val_from_train=False))[0]
+    assert len(kept.val) == 0 and len(kept.train) == 50

@@ -135,6 +135,8 @@ class DataConfig:
         order: ``file``: ``appearance`` (tasks and classes in the file's order) or ``sorted``
             (task and class names sorted: no reordering of the file's rows changes a result).
             Rows within a task are always put in a canonical order (a hash of their content).
+        val_from_train: ``file``: a task with train and test rows but no val gets 10 % of each
+            class's training rows as validation (knobs are chosen there, never on test).
     """
 
     benchmark: str = "split-wordnet"
@@ -148,6 +150,7 @@ class DataConfig:
     seed: int = 0
     max_text_length: int = 100_000
     order: str = "appearance"
+    val_from_train: bool = True
 
     def __post_init__(self) -> None:
         check(self.max_text_length >= 1, "data.max_text_length", "must be >= 1")
@@ -177,7 +180,8 @@ class DataConfig:
             return DigitsStreamConfig(n_tasks=self.n_tasks,
                                       classes_per_task=self.classes_per_task, seed=self.seed)
         return FileStreamConfig(str(self.path), seed=self.seed,
-                                max_text_length=self.max_text_length, order=self.order)
+                                max_text_length=self.max_text_length, order=self.order,
+                                val_from_train=self.val_from_train)
 
 
 @dataclass

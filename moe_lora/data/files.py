@@ -57,6 +57,10 @@ class FileStreamConfig:
         val_fraction, test_fraction: expected shares of hash-split rows in val and test.
         max_text_length: most characters of a text, label or task (longer ones are refused).
         order: ``appearance`` or ``sorted``: how tasks and classes are ordered (module docstring).
+        val_from_train: a task whose rows name train and test splits but no val gets a validation
+            split carved from its training rows: per class, the ``val_fraction`` of them (rounded
+            down, at least one row left for training) with the smallest hash of ``(seed, text)``.
+            Statistics routers and ``ranpac`` choose their knobs on validation, never on test.
 
     Raises:
         ValueError: a field is empty or out of range, or the suffix is unsupported (names the field).
@@ -72,6 +76,7 @@ class FileStreamConfig:
     test_fraction: float = 0.2
     max_text_length: int = 100_000
     order: str = "appearance"
+    val_from_train: bool = True
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -178,6 +183,18 @@ def _row_key(row: _Row, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\x00{row.label}\x00{row.text}\x00{row.split}".encode()).digest()
 
 
+def _carve_val(rows: list[_Row], cfg: FileStreamConfig) -> list[_Row]:
+    """``rows`` with a ``val_fraction`` of each class's training rows moved to val (see
+    :attr:`FileStreamConfig.val_from_train`); the order of ``rows`` is kept."""
+    moved: set[int] = set()
+    for label in dict.fromkeys(r.label for r in rows):
+        train = [i for i, r in enumerate(rows) if r.label == label and r.split == "train"]
+        n = min(int(len(train) * cfg.val_fraction), len(train) - 1)
+        train.sort(key=lambda i: _row_key(_Row(rows[i].text, "", "", ""), cfg.seed))
+        moved.update(train[:n])
+    return [_Row(r.text, r.label, r.task, "val") if i in moved else r for i, r in enumerate(rows)]
+
+
 def _natural_sorted(names: object) -> list[str]:
     """Names sorted with digit runs compared as numbers (``"2"`` before ``"10"``)."""
     def key(name: str) -> list[tuple[int, int | str]]:
@@ -251,6 +268,8 @@ def build_file_stream(cfg: FileStreamConfig) -> TaskStream:
     tasks = []
     for t, task_name in enumerate(task_names):
         task_rows = sorted(by_task[task_name], key=lambda r: _row_key(r, cfg.seed))
+        if cfg.val_from_train and not any(r.split == "val" for r in task_rows):
+            task_rows = _carve_val(task_rows, cfg)
         classes = task_classes[task_name]
         splits = {}
         for split in _SPLITS:
