@@ -83,8 +83,11 @@ def case_router(s: Settings) -> list[Row]:
         -1, 2), top_p / top_p.sum(-1, keepdim=True), s)
     same = check_close("gated forward, dense token dispatch vs sorted loop",
                        dispatched("dense")(), dispatched("loop")(), s)
+    same_g = check_close("gated forward, grouped token dispatch vs sorted loop",
+                         dispatched("grouped")(), dispatched("loop")(), s)
     t = time_interleaved({"gates": gates, "base": base, "gated": gated,
-                          "dense": dispatched("dense"), "loop": dispatched("loop")}, s)
+                          "dense": dispatched("dense"), "grouped": dispatched("grouped"),
+                          "loop": dispatched("loop")}, s)
     share = 100 * t["gates"].min_s / t["base"].min_s
     return [
         Row.measured("7", f"top-2 router, {n_exp} experts, {b}x{t_len}: gates as % of base fwd",
@@ -94,6 +97,8 @@ def case_router(s: Settings) -> list[Row]:
                   ("gated", t["gated"]), ("base", t["base"]), None, "timing only"),
         Row.ratio("7", f"token dispatch, top-2 of {n_exp}: dense masked vs sorted loop (reference)",
                   ("dense", t["dense"]), ("loop", t["loop"]), None, same),
+        Row.ratio("7", f"token dispatch, top-2 of {n_exp}: grouped matmuls vs sorted loop "
+                  "(reference)", ("grouped", t["grouped"]), ("loop", t["loop"]), None, same_g),
     ]
 
 

@@ -383,32 +383,38 @@ def test_uniform_per_sample_routing_takes_the_single_path():
 
 
 @pytest.mark.parametrize("trainable", [False, True])
-def test_dense_token_dispatch_equals_the_sorted_loop(trainable):
-    """The sync-free token path (scatter the top-k weights, one masked pass over every expert)
-    gives the loop's output and the loop's gradients, padding slots included."""
+def test_token_dispatches_equal_the_sorted_loop(trainable):
+    """The sync-free token paths give the loop's output (and, where they apply, its gradients),
+    padding slots included: ``dense`` (scatter the top-k weights, one masked pass over every
+    expert) and ``grouped`` (two ``torch._grouped_mm`` calls over rows sorted by expert; frozen
+    experts at inference only, else it falls back to the loop)."""
     from moe_lora.core.layers import RoutingContext
 
-    bank = ExpertBank(tiny(), targets="all-linear")
-    for i, r in enumerate([2, 4, 3, 1, 2]):
+    bank = ExpertBank(tiny(in_f=8, hidden=12, out=4), targets="all-linear")
+    for i, r in enumerate([2, 4, 3, 1, 2]):  # ranks padded to a common, then aligned, width
         bank.add_expert(f"e{i}", ExpertConfig(rank=r, init="random"), trainable=trainable)
     layer = bank.layers["0"]
-    x = torch.randn(3, 5, 6)
+    x = torch.randn(3, 5, 8)
     y = layer.base(x)
     idx = torch.randint(0, 5, (3, 5, 2))
     idx[2, 3:, 1] = -1  # padding slots
     w = torch.rand(3, 5, 2)
-    outs, grads = [], []
-    for mode in ("loop", "dense"):
+    outs, grads = {}, {}
+    for mode in ("loop", "dense", "grouped"):
         bank.ctx.token_dispatch = mode
         for p in bank.parameters():
             p.grad = None
+        layer.expert_calls = 0
         out = layer.apply_routing(x, y, Routing.per_token(idx, w))
-        outs.append(out.detach())
+        outs[mode] = out.detach()
+        if mode == "grouped":  # trainable experts need gradients: grouped falls back to the loop
+            assert (layer.expert_calls > 0) == trainable
         if trainable:
             out.square().sum().backward()
-            grads.append(torch.cat([f.lora_A.grad.flatten() for f in layer.experts]))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-    if trainable:
-        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+            grads[mode] = torch.cat([f.lora_A.grad.flatten() for f in layer.experts])
+    for mode in ("dense", "grouped"):
+        torch.testing.assert_close(outs[mode], outs["loop"], atol=1e-5, rtol=1e-5)
+        if trainable:
+            torch.testing.assert_close(grads[mode], grads["loop"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="token_dispatch='fast'"):
         RoutingContext(token_dispatch="fast")

@@ -21,8 +21,12 @@ How the experts are weighted comes from the shared :class:`RoutingContext` (see
   dispatch): unused experts cost nothing, but the loop needs the used experts on the host;
   ``dense``: the top-k weights are scattered into ``[N, E]`` and every expert runs through one
   concatenated ``x @ A_cat^T`` / ``h @ B_cat^T`` pair, masked by them: three kernels and no host
-  synchronisation, at ``2 * E * R / in`` times a base projection's FLOPs. ``auto`` (default) takes
-  ``dense`` on CUDA, where small shapes are launch-bound, and ``loop`` elsewhere.
+  synchronisation, at ``2 * E * R / in`` times a base projection's FLOPs; ``grouped``: the
+  (token, slot) rows sorted by expert once and both factors applied by ``torch._grouped_mm`` over
+  per-expert row offsets: the loop's FLOPs in two kernels, no host synchronisation (inference only:
+  used when nothing needs a gradient through it, and when the row strides are 16-byte aligned;
+  otherwise the call falls back). ``auto`` (default) takes ``dense`` on CUDA, where small shapes are
+  launch-bound, ``grouped`` on the CPU where it applies, and ``loop`` otherwise.
 
 Frozen experts are read from a padded stack ``[E, R, in]`` / ``[E, out, R]`` built lazily and rebuilt
 when the bank changes; trainable experts are stacked live so that gradients reach them.
@@ -43,7 +47,7 @@ from moe_lora.core.routing import GateOutput, Routing
 __all__ = ["LoRALayer", "LoRAFactors", "RoutingContext", "TOKEN_DISPATCH", "is_supported",
            "base_weight_shape"]
 
-TOKEN_DISPATCH = ("auto", "loop", "dense")
+TOKEN_DISPATCH = ("auto", "loop", "dense", "grouped")
 """Implementations of ``token`` routing (:attr:`RoutingContext.token_dispatch`)."""
 
 
@@ -60,8 +64,8 @@ class RoutingContext:
         aux_losses: auxiliary losses reported by layer gates since the last pop.
         last_probs: each gated layer's last gate probabilities [N, E] (detached), for inspection.
         record: keep ``last_probs`` (off by default; it costs a copy per layer).
-        token_dispatch: how ``token`` routing runs: ``auto``, ``loop`` or ``dense`` (see the
-            module docstring).
+        token_dispatch: how ``token`` routing runs: ``auto``, ``loop``, ``dense`` or ``grouped``
+            (see the module docstring).
     """
 
     routing: Routing = field(default_factory=Routing.base)
@@ -402,6 +406,8 @@ class LoRALayer(nn.Module):
         mode = self.ctx.token_dispatch
         if mode == "dense" or (mode == "auto" and x.is_cuda):
             return self._token_dense(x, y, indices, weights)
+        if mode in ("grouped", "auto") and self._groupable(x):
+            return self._token_grouped(x, y, indices, weights)
         k = indices.shape[-1]
         flat_e = indices.reshape(-1)
         flat_w = weights.reshape(-1).to(x.dtype)
@@ -442,6 +448,36 @@ class LoRALayer(nn.Module):
         b_cat = b_all.permute(1, 0, 2).reshape(self.out_features, n_exp * r)
         out = torch.addmm(y.reshape(-1, self.out_features), h, b_cat.t())
         return out.reshape(y.shape)
+
+    def _groupable(self, x: Tensor) -> bool:
+        """Whether :meth:`_token_grouped` applies: ``torch._grouped_mm`` exists, no gradient has to
+        flow through it, and rows are 16-byte aligned."""
+        align = 16 // x.element_size()
+        return (hasattr(torch, "_grouped_mm") and not x.requires_grad and not self._live()
+                and self.in_features % align == 0 and self.out_features % align == 0)
+
+    def _token_grouped(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The ``token`` path as two grouped matmuls over the (token, slot) rows sorted by expert
+        (see the module docstring); padding slots run expert 0 with weight 0."""
+        n_exp, k = len(self.experts), indices.shape[-1]
+        _, a_all, b_all = self._frozen_stack()
+        align = 16 // x.element_size()
+        pad = -a_all.shape[1] % align  # the rank axis too must be 16-byte aligned
+        if pad:
+            a_all, b_all = F.pad(a_all, (0, 0, 0, pad)), F.pad(b_all, (0, pad))
+        a_all, b_all = a_all.to(x.dtype), b_all.to(x.dtype)
+        flat = indices.reshape(-1)
+        w = weights.reshape(-1).to(x.dtype).masked_fill(flat < 0, 0.0)
+        e = flat.clamp_min(0)
+        order = torch.argsort(e, stable=True)
+        ends = torch.zeros(n_exp, dtype=torch.int32, device=x.device).scatter_add_(
+            0, e, torch.ones_like(e, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        tok = order // k
+        rows = self._dropout(x).reshape(-1, self.in_features).index_select(0, tok)
+        h = torch._grouped_mm(rows, a_all.transpose(1, 2), offs=ends)
+        d = torch._grouped_mm(h, b_all.transpose(1, 2), offs=ends)
+        d = d * w.index_select(0, order)[:, None]
+        return y.reshape(-1, self.out_features).index_add(0, tok, d).reshape(y.shape)
 
     def expert_outputs(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """Each expert's own output ``delta_e(x)``, stacked: [..., U, out] (no base, no weights).
