@@ -16,7 +16,7 @@ How the experts are weighted comes from the shared :class:`RoutingContext` (see
 * ``dense`` (weights over all experts): the used experts' factors are concatenated along the rank
   axis, ``h = x @ A_cat^T`` ([.., U*R]) is scaled column-wise by the weights and projected by
   ``B_cat``; all-zero weight columns are skipped and mostly-zero rows switch to the gathered path;
-* ``token`` (top-k per token), two implementations (``RoutingContext.token_dispatch``):
+* ``token`` (top-k per token), three implementations (``RoutingContext.token_dispatch``):
   ``loop``: tokens are sorted by expert and each used expert runs once on its tokens (standard MoE
   dispatch): unused experts cost nothing, but the loop needs the used experts on the host;
   ``dense``: the top-k weights are scattered into ``[N, E]`` and every expert runs through one
@@ -366,18 +366,16 @@ class LoRALayer(nn.Module):
         All frozen: one gather per factor straight from the cached stack (its rank R is the bank's
         largest; padding rows are zero). Otherwise the used experts are stacked live and gathered.
         """
-        if not (self._live() or self.training):  # inference: no unique(), no host sync
-            _, a_u, b_u = self._frozen_stack()
-            flat = indices.reshape(-1)
-            return a_u.index_select(0, flat), b_u.index_select(0, flat), None
-        uniq, inv = torch.unique(indices, return_inverse=True)
-        ids = uniq.tolist()
-        if any(self.experts[e].lora_A.requires_grad for e in ids):
-            a_u, b_u = self._stack_live(ids)
-            flat = inv.reshape(-1)
-        else:
-            _, a_u, b_u = self._frozen_stack()
-            flat = indices.reshape(-1)
+        ids = None
+        if self._live() or self.training:  # at inference with frozen experts: no host sync
+            uniq, inv = torch.unique(indices, return_inverse=True)
+            ids = uniq.tolist()
+            if any(self.experts[e].lora_A.requires_grad for e in ids):
+                a_u, b_u = self._stack_live(ids)
+                flat = inv.reshape(-1)
+                return a_u.index_select(0, flat), b_u.index_select(0, flat), ids
+        _, a_u, b_u = self._frozen_stack()
+        flat = indices.reshape(-1)
         return a_u.index_select(0, flat), b_u.index_select(0, flat), ids
 
     def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
@@ -433,10 +431,8 @@ class LoRALayer(nn.Module):
         """The ``token`` path without host synchronisation: every expert, masked by the top-k
         weights scattered to ``[N, E]`` (see the module docstring)."""
         n_exp = len(self.experts)
-        if self._live():
-            a_all, b_all = self._stack_live(list(range(n_exp)))
-        else:
-            _, a_all, b_all = self._frozen_stack()
+        a_all, b_all = (self._stack_live(list(range(n_exp))) if self._live()
+                        else self._frozen_stack()[1:])
         r = a_all.shape[1]
         w = weights.reshape(-1, indices.shape[-1]).to(x.dtype)
         idx = indices.reshape(-1, indices.shape[-1])

@@ -31,13 +31,23 @@ from torch import Tensor
 
 from moe_lora.continual.module import MoELoRAModule, TaskHeads, TrainPlan
 from moe_lora.continual.prepared import Examples, PreparedTask
-from moe_lora.continual.settings import RunConfig
+from moe_lora.continual.settings import RunConfig, check
 from moe_lora.core.bank import ExpertBank
 from moe_lora.core.config import ExpertConfig
 from moe_lora.data import TaskStream
 from moe_lora.models.backbones import Backbone
 
-__all__ = ["Fit", "Prediction", "RunContext", "Strategy"]
+__all__ = ["FEATURE_KINDS", "Fit", "Prediction", "RunContext", "Strategy", "check_features"]
+
+FEATURE_KINDS = ("sentence", "layers")
+"""What :meth:`RunContext.frozen_features` reads: the base embedding, or the multi-layer frozen
+features."""
+
+
+def check_features(value: str, where: str) -> None:
+    """Raise a :class:`~moe_lora.continual.settings.ConfigError` naming ``where`` unless ``value``
+    is one of :data:`FEATURE_KINDS`."""
+    check(value in FEATURE_KINDS, where, f"must be one of {', '.join(FEATURE_KINDS)}")
 
 Fit = Callable[[MoELoRAModule, Examples, Examples, str, int], None]
 """``fit(module, train, val, tag, seed)``: one Lightning fit (the runner's trainer settings)."""
@@ -114,7 +124,13 @@ class RunContext:
     def frozen_features(self, ex: Examples, kind: str = "sentence") -> Tensor:
         """Float64 frozen features of ``ex``: ``kind="sentence"`` the base embeddings ``[N, D]``
         (:attr:`embeddings`), ``"layers"`` the multi-layer features ``[N, feature_layers * D]``
-        (:attr:`features`)."""
+        (:attr:`features`).
+
+        Raises:
+            ValueError: ``kind`` is not one of :data:`FEATURE_KINDS`.
+        """
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"frozen features {kind!r}: expected one of {FEATURE_KINDS}")
         table = self.features if kind == "layers" and self.feature_layers > 1 else self.embeddings
         return torch.from_numpy(np.stack([table[k] for k in ex.keys])).double()
 

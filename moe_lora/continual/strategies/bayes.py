@@ -2,7 +2,8 @@
 
 With ``f`` the frozen features of an input (``features: layers``, the default: the mean-pooled
 outputs of the last ``model.feature_layers`` frozen layers, each L2-normalised, concatenated;
-``sentence``: the base embedding, the retrieval keys' space) and ``z`` the logits of every seen expert's own head (expert ``e`` alone, its classes)::
+``sentence``: the base embedding, the retrieval keys' space) and ``z`` the logits of every seen
+expert's own head (expert ``e`` alone, its classes)::
 
     log P(c | x) = alpha * log softmax(LDA(f) / tau_L) + (1 - alpha) * log softmax(RanPAC(f) / tau_R)
                  + w_z * log p(z | f, c)
@@ -33,8 +34,7 @@ from torch import Tensor
 
 from moe_lora.continual.prepared import Examples
 from moe_lora.continual.settings import check, check_finite
-from moe_lora.continual.strategies.base import Prediction
-from moe_lora.continual.strategies.frozen import check_features
+from moe_lora.continual.strategies.base import Prediction, check_features
 from moe_lora.continual.strategies.inference import Inference, Shared
 from moe_lora.routers.statistics import (
     ExpertLogitGaussian,

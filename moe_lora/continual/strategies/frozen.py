@@ -20,18 +20,10 @@ import torch
 from moe_lora.continual.prepared import Examples
 from moe_lora.continual.registry import register_strategy
 from moe_lora.continual.settings import check
-from moe_lora.continual.strategies.base import Prediction, Strategy
+from moe_lora.continual.strategies.base import Prediction, Strategy, check_features
 from moe_lora.routers.statistics import NCMHead, RanPACHead
 
-__all__ = ["FEATURE_KINDS", "NCM", "NCMOptions", "RanPAC", "RanPACOptions", "check_features"]
-
-FEATURE_KINDS = ("sentence", "layers")
-"""What a statistics head may read: the base embedding, or the multi-layer frozen features."""
-
-
-def check_features(value: str, where: str) -> None:
-    """Raise a :class:`ConfigError` naming ``where`` unless ``value`` is a feature kind."""
-    check(value in FEATURE_KINDS, where, f"must be one of {', '.join(FEATURE_KINDS)}")
+__all__ = ["NCM", "NCMOptions", "RanPAC", "RanPACOptions"]
 
 
 @dataclass
