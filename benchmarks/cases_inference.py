@@ -133,7 +133,10 @@ def case_mixed(s: Settings) -> list[Row]:
                               (key, t[key]), (f"peft {key}", t[f"peft {key}"]),
                               Goal("<=", 1.0) if n >= 16 else None, checks[n],
                               peft_vs_single=t[f"peft {key}"].min_s / t["single"].min_s))
-    lo, hi = (f"N={ns[1]}", f"N={ns[-1]}")
+    hi = f"N={ns[-1]}"
+    rows.append(Row.launches("3", f"mixed {b}x{t_len}, {hi}: kernels per forward vs single "
+                             "expert (reference)", fns[hi], fns["single"]))
+    lo = f"N={ns[1]}"
     rows.append(Row.ratio("10", f"mixed {b}x{t_len}, {hi} vs {lo}", (hi, t[hi]), (lo, t[lo]),
                           Goal("<=", 1.10), f"{checks[ns[-1]]} (both N)"))
     return rows
@@ -160,6 +163,8 @@ def case_decode(s: Settings) -> list[Row]:
     return [
         Row.ratio("4", f"decode {b}x1, {b} experts vs single", ("mixed", t["mixed"]),
                   ("single", t["single"]), Goal("<=", 2.0), check),
+        Row.launches("4", f"decode {b}x1, {b} experts: kernels per forward vs single (reference)",
+                     mixed, single),
         Row.ratio("4", f"decode {b}x1, plain loop vs single (reference)", ("loop", t["loop"]),
                   ("single", t["single"]), None, check),
         Row.ratio("4", f"decode {b}x1, uniform batch via mixed path vs single",

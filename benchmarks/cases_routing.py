@@ -95,6 +95,8 @@ def case_router(s: Settings) -> list[Row]:
                      b=t["base"]),
         Row.ratio("7", f"gated forward (router + top-2 of {n_exp} experts) vs base (reference)",
                   ("gated", t["gated"]), ("base", t["base"]), None, "timing only"),
+        Row.launches("7", f"gated forward vs base: kernels per forward (reference; dispatch "
+                     f"{'dense' if s.device.startswith('cuda') else 'grouped'})", gated, base),
         Row.ratio("7", f"token dispatch, top-2 of {n_exp}: dense masked vs sorted loop (reference)",
                   ("dense", t["dense"]), ("loop", t["loop"]), None, same),
         Row.ratio("7", f"token dispatch, top-2 of {n_exp}: grouped matmuls vs sorted loop "

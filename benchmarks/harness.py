@@ -33,6 +33,7 @@ __all__ = [
     "Settings",
     "Timing",
     "check_close",
+    "count_kernels",
     "peak_memory",
     "time_interleaved",
     "format_table",
@@ -141,6 +142,14 @@ class Row:
         )
 
     @classmethod
+    def launches(cls, case: str, what: str, a: Callable[[], Any], b: Callable[[], Any]) -> Row:
+        """Kernels one call of ``a`` launches over those of ``b`` (:func:`count_kernels`): the
+        device-independent side of a launch-bound ratio (reference; no goal)."""
+        ka, kb = sum(count_kernels(a).values()), sum(count_kernels(b).values())
+        return cls.measured(case, what, ka / kb, "x", None, f"{ka} vs {kb} aten kernels",
+                            extra={"kernels": ka, "kernels_ref": kb})
+
+    @classmethod
     def pending(cls, case: str, what: str, goal: Goal | None, reason: str) -> Row:
         """A case whose component is not there yet."""
         return cls(case, what, goal=None if goal is None else str(goal), status="pending",
@@ -188,6 +197,36 @@ def check_close(what: str, a: torch.Tensor, b: torch.Tensor, settings: Settings)
         raise AssertionError(f"{what}: results differ (shapes {tuple(a.shape)} vs "
                              f"{tuple(b.shape)}, max abs diff {diff:.3g})")
     return f"{what}: allclose (rtol={settings.tol['rtol']:g})"
+
+
+_VIEWS = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "t", "transpose", "permute",
+    "unsqueeze", "squeeze", "select", "slice", "alias", "detach", "as_strided", "split",
+    "unbind", "lift_fresh", "view_as", "unflatten", "flatten", "narrow", "diagonal",
+})
+
+
+def count_kernels(fn: Callable[[], Any]) -> dict[str, int]:
+    """The aten operations one call of ``fn`` dispatches, by name, views excluded.
+
+    Each such operation launches at least one kernel on a GPU, so the total is the launch count
+    that bounds a launch-bound forward (small batches, decode). Counted below autograd by the
+    dispatcher: the same on every device, measurable without a GPU.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            if name not in _VIEWS:
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return counts
 
 
 @contextmanager

@@ -396,6 +396,8 @@ class GateRouter(WeightLog):
         self.bank = bank
         self.gates: dict[str, nn.Module] = {}
         self.attention_mask: Tensor | None = None
+        self._float_mask: tuple[tuple, Tensor] | None = None
+        self._zero: Tensor | None = None
 
     def make_gate(self, path: str, layer: LoRALayer) -> nn.Module:
         """The gate of LoRA layer ``layer`` at ``path``."""
@@ -415,6 +417,40 @@ class GateRouter(WeightLog):
     def set_attention_mask(self, mask: Tensor | None) -> None:
         """Tokens the gates count in their losses and statistics: ``mask`` [B, T] (None: all)."""
         self.attention_mask = mask
+        self._float_mask: tuple[tuple, Tensor] | None = None
+
+    def token_mask(self, x: Tensor) -> Tensor | None:
+        """The attention mask as float [N] over the N tokens of ``x`` [..., in], or None without
+        one; converted once per batch and device, and shared by the gates (no finiteness check:
+        see :func:`token_mask` for that).
+
+        Raises:
+            ValueError: the mask does not have one entry per token of ``x``.
+        """
+        mask = self.attention_mask
+        if mask is None:
+            return None
+        n = x.numel() // x.shape[-1]
+        if mask.numel() != n:
+            raise ValueError(
+                f"attention mask {tuple(mask.shape)} does not match the {n} tokens of the gate "
+                f"input {tuple(x.shape)}"
+            )
+        if torch.compiler.is_compiling():  # inside a graph the conversion is fused: no cache
+            return mask.reshape(n).to(device=x.device, dtype=torch.float32)
+        key = (id(mask), n, x.device)
+        cached = self._float_mask
+        if cached is None or cached[0] != key:
+            cached = (key, mask.reshape(n).to(device=x.device, dtype=torch.float32))
+            self._float_mask = cached
+        return cached[1]
+
+    def zero(self, like: Tensor) -> Tensor:
+        """A cached scalar zero on ``like``'s device: the auxiliary loss of an inference forward."""
+        z = self._zero
+        if z is None or z.device != like.device or z.dtype != like.dtype:
+            z = self._zero = like.new_zeros(())
+        return z
 
     def routing(self, batch: RouterInput | None = None) -> Routing:
         """``Routing.gated()``, after taking the batch's attention mask (if any) for the gates."""

@@ -418,3 +418,141 @@ def test_token_dispatches_equal_the_sorted_loop(trainable):
             torch.testing.assert_close(grads[mode], grads["loop"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="token_dispatch='fast'"):
         RoutingContext(token_dispatch="fast")
+
+
+# ------------------------------------------------------------------ launch-lean inference paths
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_per_sample_routing_matches_reference_at_inference_and_training(mode):
+    """``sample`` routing has two paths: frozen experts at inference gather both factors from one
+    packed stack (row -1 = a zero row), training gathers per used expert. Both equal the
+    reference, with mixed ranks, k = 2, unit and given weights, and -1 slots (a non-finite weight
+    on a -1 slot included: it must not reach the output)."""
+    bank = tiny_bank()
+    bank.train(mode == "train")
+    layer = bank.layers["0"]
+    x = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        y = layer.base(x)
+        per = torch.stack([reference_delta(layer, x, e) for e in range(3)], dim=-2)  # [B,T,E,out]
+        idx = torch.tensor([[0, 2], [1, -1], [2, 2], [-1, -1]])
+        w = torch.tensor([[0.3, 0.7], [0.5, float("nan")], [1.0, 0.25], [2.0, 3.0]])
+        for weights in (None, w):
+            got = layer.apply_routing(x, y, Routing.per_sample(idx, weights))
+            wt = torch.ones(4, 2) if weights is None else weights
+            ref = y.clone()
+            for j in range(2):
+                for b in range(4):
+                    if idx[b, j] >= 0:
+                        ref[b] += wt[b, j] * per[b, :, idx[b, j]]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        one = Routing.per_sample(torch.tensor([2, -1, 0, 1]))
+        got = layer.apply_routing(x, y, one)
+        ref = y + torch.stack([per[0, :, 2], torch.zeros_like(y[0]), per[2, :, 0], per[3, :, 1]])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_wrapping_keeps_the_model_mode_and_the_stack_follows_dtype_and_device():
+    """A bank over an eval-mode model is in eval mode (no dropout, inference paths), and the
+    cached frozen stack is rebuilt when the model moves to another dtype."""
+    bank = ExpertBank(tiny().eval(), targets="all-linear")
+    assert not any(layer.training for layer in bank.layers.values())
+    for name, rank in RANKS:
+        bank.add_expert(name, ExpertConfig(rank=rank, init="random"), trainable=False)
+    x = torch.randn(3, 6)
+    routing = Routing.per_sample(torch.tensor([0, 1, 2]), torch.tensor([0.5, 1.0, 2.0]))
+    with torch.no_grad(), bank.use(routing):
+        out32 = bank(x)
+        bank.model.double()
+        out64 = bank(x.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, atol=1e-5, rtol=1e-5)
+
+
+def _kernels(fn) -> dict[str, int]:
+    """The aten operations ``fn`` runs, by name (views excluded): the kernels it launches."""
+    from benchmarks.harness import count_kernels
+
+    return count_kernels(fn)
+
+
+def test_mixed_inference_launches_few_kernels_per_layer():
+    """Launch counts of one LoRA layer at inference, the bound that matters on a GPU where small
+    shapes are launch-bound: ``sample`` routing is one gather and two batched matmuls (plus one
+    product with weights) beside the base projection; a router's top-k (``valid``) routed
+    densely is five kernels. Counted by the dispatcher, so the bound holds on any device."""
+    bank = ExpertBank(tiny(in_f=16, hidden=16, out=4).eval(), targets=["0"])
+    for i in range(8):
+        bank.add_expert(f"e{i}", ExpertConfig(rank=4, init="random"), trainable=False)
+    layer, x = bank.layers["0"], torch.randn(8, 5, 16)
+    idx = torch.arange(8) % 8
+    cases = {
+        "sample": (Routing.per_sample(idx), {"addmm": 1, "index_select": 1, "bmm": 1,
+                                             "baddbmm": 1}),
+        "sample weighted": (Routing.per_sample(idx, torch.rand(8)),
+                            {"addmm": 1, "index_select": 1, "bmm": 1, "mul": 1, "baddbmm": 1}),
+        "token valid": (Routing.per_token(torch.randint(0, 8, (8, 5, 2)), torch.rand(8, 5, 2),
+                                          valid=True),
+                        {"addmm": 2, "new_zeros": 1, "scatter_add_": 1, "mm": 1, "mul": 1}),
+    }
+    bank.ctx.token_dispatch = "dense"
+    for name, (routing, expected) in cases.items():
+        with torch.no_grad(), bank.use(routing):
+            layer(x)  # warm: the stack and the per-routing tables are built once
+
+            assert _kernels(lambda: layer(x)) == expected, name
+
+
+@pytest.mark.parametrize("kind", ["sample", "token", "gated"])
+def test_inference_routing_compiles_as_one_graph(kind):
+    """No host synchronisation on the inference paths: ``torch.compile(fullgraph=True)`` traces
+    the whole forward (what CUDA graphs need), gives the eager output, and does not recompile
+    for every new routing."""
+    from torch._dynamo.utils import counters
+
+    from moe_lora.core.routing import RouterInput
+    from moe_lora.routers import TopKConfig, TopKRouter
+
+    torch._dynamo.reset()
+    counters.clear()
+    bank = ExpertBank(tiny(in_f=16, hidden=16, out=4).eval(), targets="all-linear")
+    for i in range(6):
+        bank.add_expert(f"e{i}", ExpertConfig(rank=4, init="random"), trainable=False)
+    if kind == "gated":
+        router = TopKRouter(TopKConfig(k=2), bank).attach()
+        bank.eval()
+    compiled = torch.compile(bank.model, fullgraph=True, backend="eager")
+    x = torch.randn(4, 5, 16)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        if kind == "sample":
+            routing = Routing.per_sample(torch.randint(-1, 6, (4, 2), generator=g),
+                                         torch.rand(4, 2, generator=g))
+        elif kind == "token":
+            routing = Routing.per_token(torch.randint(0, 6, (4, 5, 2), generator=g),
+                                        torch.rand(4, 5, 2, generator=g))
+        else:
+            routing = router.routing(RouterInput(attention_mask=(torch.rand(4, 5, generator=g)
+                                                                 > 0.2).long()))
+        with torch.no_grad(), bank.use(routing):
+            got = compiled(x)
+            ref = bank.model(x)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_no_grad_forwards_keep_no_aux_losses():
+    """Gates report auxiliary losses for training; a server running no-grad forwards must not
+    pile them up (one tensor per layer per forward) until someone pops them."""
+    from moe_lora.routers import TopKConfig, TopKRouter
+
+    bank = tiny_bank(trainable=True)
+    TopKRouter(TopKConfig(k=2), bank).attach()
+    x = torch.randn(3, 5, 6)
+    with bank.use(Routing.gated()):
+        with torch.no_grad():
+            for _ in range(3):
+                bank(x)
+        assert bank.ctx.aux_losses == []
+        bank(x).sum().backward()
+    assert len(bank.ctx.aux_losses) == 2  # one per gated layer
+    assert bank.pop_aux_loss().requires_grad

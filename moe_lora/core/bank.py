@@ -318,7 +318,11 @@ class ExpertBank(nn.Module):
             layer.gate = None
 
     def pop_aux_loss(self) -> Tensor:
-        """Mean auxiliary loss over the gated layers since the last pop (0 when none)."""
+        """Mean auxiliary loss over the gated layers since the last pop (0 when none).
+
+        Only forwards run with autograd on report one; ``torch.no_grad()`` forwards (inference,
+        serving) keep nothing, so they need no pop.
+        """
         losses, self.ctx.aux_losses = self.ctx.aux_losses, []
         if not losses:
             return torch.zeros(())

@@ -61,7 +61,8 @@ class RoutingContext:
         layout: bumped whenever bank indices shift (an expert removed).
         routing_layout: the ``layout`` that ``routing`` was checked against; a forward under a
             routing that names experts raises when it differs from ``layout``.
-        aux_losses: auxiliary losses reported by layer gates since the last pop.
+        aux_losses: auxiliary losses reported by layer gates since the last pop (kept only from
+            forwards with autograd on: a no-grad forward adds none).
         last_probs: each gated layer's last gate probabilities [N, E] (detached), for inspection.
         record: keep ``last_probs`` (off by default; it costs a copy per layer).
         token_dispatch: how ``token`` routing runs: ``auto``, ``loop``, ``dense`` or ``grouped``
@@ -185,8 +186,10 @@ class LoRALayer(nn.Module):
         self.gate: nn.Module | None = None
         self.expert_calls = 0  # experts computed by the token path (observable sparsity)
         object.__setattr__(self, "ctx", ctx)  # shared plain object, not a submodule
-        self._stack: tuple[int, Tensor, Tensor] | None = None
+        self._stack: tuple[tuple, Tensor] | None = None
+        self.train(base.training)  # wrapping an eval-mode model keeps it in eval mode
         self._merged: Tensor | None = None
+        self._ids: Tensor | None = None
 
     # ----------------------------------------------------------------- experts
     def add(self, cfg: ExpertConfig) -> LoRAFactors:
@@ -273,16 +276,17 @@ class LoRALayer(nn.Module):
             uniform = routing.uniform_expert()  # one expert, weight 1: the single path
             if uniform is not None:
                 return self._single(x, y, uniform)
-            return self._sample(x, y, routing.indices, routing.weights)
+            return self._sample(x, y, routing)
         if routing.kind == "token":
-            return self._token(x, y, routing.indices, routing.weights)
+            return self._token(x, y, routing.indices, routing.weights, routing.valid)
         raise ValueError(f"unknown routing kind {routing.kind!r}")
 
     def _gated(self, x: Tensor, y: Tensor) -> Tensor:
         if self.gate is None:
             raise RuntimeError(f"{self.path}: routing is 'gated' but no gate is attached")
         out: GateOutput = self.gate(x, self)
-        self.ctx.aux_losses.append(out.aux_loss)
+        if torch.is_grad_enabled():  # only a loss that can be backpropagated is kept: no-grad
+            self.ctx.aux_losses.append(out.aux_loss)  # forwards (serving) must not pile them up
         if self.ctx.record and out.probs is not None:
             self.ctx.last_probs[self.path] = out.probs.detach()
         if out.delta is not None:
@@ -330,17 +334,53 @@ class LoRALayer(nn.Module):
         return torch.stack(a), torch.stack(b)
 
     def _frozen_stack(self) -> tuple[int, Tensor, Tensor]:
-        if self._stack is None or self._stack[0] != self.ctx.version:
+        """(version, ``A`` [E, R, in], ``B`` [E, out, R]): views of :meth:`_packed` (no copy)."""
+        packed = self._packed()[: len(self.experts)]
+        a = packed[:, :, : self.in_features]
+        return self.ctx.version, a, packed[:, :, self.in_features :].transpose(1, 2)
+
+    def _packed(self) -> Tensor:
+        """The frozen experts packed as ``[E + 1, R, in + out]``: row ``e`` holds ``A_e`` and
+        ``(s_e B_e)^T``, padded to the largest rank R; the last row is zero, so index ``-1`` (no
+        expert) gathers nothing. One gather fetches both factors of any expert set.
+
+        Built lazily, rebuilt when the bank changes or the experts move to another device/dtype.
+        """
+        ref = self.experts[0].lora_A if len(self.experts) else self.base.weight
+        key = (self.ctx.version, ref.device, ref.dtype)
+        if self._stack is None or self._stack[0] != key:
             with torch.no_grad():
-                a, b = self._stack_live(list(range(len(self.experts))))
-            self._stack = (self.ctx.version, a, b)
-        return self._stack
+                if len(self.experts):
+                    a, b = self._stack_live(list(range(len(self.experts))))
+                    packed = F.pad(torch.cat([a, b.transpose(1, 2)], dim=2), (0, 0, 0, 0, 0, 1))
+                else:
+                    packed = ref.new_zeros(1, 1, self.in_features + self.out_features)
+            self._stack = (key, packed)
+        return self._stack[1]
 
     def clear_cache(self) -> None:
         """Free the cached frozen stack (rebuilt on the next mixed forward)."""
         self._stack = None
 
-    def _sample(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def _sample(self, x: Tensor, y: Tensor, routing: Routing) -> Tensor:
+        indices, weights = routing.indices, routing.weights
+        assert indices is not None and weights is not None
+        if self.training or self._live():
+            return self._sample_gathered(x, y, indices, weights)
+        # Frozen, at inference: one gather of both factors, two batched matmuls (BGMV-style).
+        bsz, k = indices.shape
+        packed = self._packed()
+        r, d_in = packed.shape[1], self.in_features
+        rows, w_cols = routing.sample_slots(len(self.experts), r, x.dtype)
+        g = packed.index_select(0, rows).view(bsz, k * r, d_in + self.out_features)
+        h = torch.bmm(x.reshape(bsz, -1, d_in), g[:, :, :d_in].transpose(1, 2))  # [B, T, kR]
+        if w_cols is not None:
+            h = h * w_cols
+        out = torch.baddbmm(y.reshape(bsz, -1, self.out_features), h, g[:, :, d_in:])
+        return out.reshape(y.shape)
+
+    def _sample_gathered(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The ``sample`` path when experts train or dropout applies (see :meth:`_gathered`)."""
         bsz, k = indices.shape
         weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
@@ -359,23 +399,21 @@ class LoRALayer(nn.Module):
         """Whether any expert trains (then factors are stacked live so gradients reach them)."""
         return any(f.lora_A.requires_grad for f in self.experts)
 
-    def _gathered(self, indices: Tensor) -> tuple[Tensor, Tensor, list[int] | None]:
+    def _gathered(self, indices: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """Each routing slot's factors, ``[B*k, R, in]`` and ``[B*k, out, R]`` (scale in B), and
-        the used experts (``None`` when not needed: no host synchronisation then).
+        the used experts (one host synchronisation; this path serves training and dropout).
 
-        All frozen: one gather per factor straight from the cached stack (its rank R is the bank's
-        largest; padding rows are zero). Otherwise the used experts are stacked live and gathered.
+        If any used expert trains, the used experts are stacked live (gradients reach them) and
+        gathered; otherwise the slots are gathered from the cached frozen stack.
         """
-        ids = None
-        if self._live() or self.training:  # at inference with frozen experts: no host sync
-            uniq, inv = torch.unique(indices, return_inverse=True)
-            ids = uniq.tolist()
-            if any(self.experts[e].lora_A.requires_grad for e in ids):
-                a_u, b_u = self._stack_live(ids)
-                flat = inv.reshape(-1)
-                return a_u.index_select(0, flat), b_u.index_select(0, flat), ids
-        _, a_u, b_u = self._frozen_stack()
-        flat = indices.reshape(-1)
+        uniq, inv = torch.unique(indices, return_inverse=True)
+        ids = uniq.tolist()
+        if any(self.experts[e].lora_A.requires_grad for e in ids):
+            a_u, b_u = self._stack_live(ids)
+            flat = inv.reshape(-1)
+        else:
+            _, a_u, b_u = self._frozen_stack()
+            flat = indices.reshape(-1)
         return a_u.index_select(0, flat), b_u.index_select(0, flat), ids
 
     def _dense(self, x: Tensor, y: Tensor, weights: Tensor) -> Tensor:
@@ -400,12 +438,15 @@ class LoRALayer(nn.Module):
         out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, u * r), b_cat.t())
         return out.reshape(y.shape)
 
-    def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor,
+               valid: bool = False) -> Tensor:
         mode = self.ctx.token_dispatch
-        if mode == "dense" or (mode == "auto" and x.is_cuda):
-            return self._token_dense(x, y, indices, weights)
+        compiling = torch.compiler.is_compiling()  # the graph needs no host sync: dense
+        if mode == "dense" or (mode in ("auto", "grouped") and compiling) or (
+                mode == "auto" and x.is_cuda):
+            return self._token_dense(x, y, indices, weights, valid)
         if mode in ("grouped", "auto") and self._groupable(x):
-            return self._token_grouped(x, y, indices, weights)
+            return self._token_grouped(x, y, indices, weights, valid)
         k = indices.shape[-1]
         flat_e = indices.reshape(-1)
         flat_w = weights.reshape(-1).to(x.dtype)
@@ -427,17 +468,19 @@ class LoRALayer(nn.Module):
             self.expert_calls += 1
         return y + delta.reshape(y.shape)
 
-    def _token_dense(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def _token_dense(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor,
+                     valid: bool = False) -> Tensor:
         """The ``token`` path without host synchronisation: every expert, masked by the top-k
-        weights scattered to ``[N, E]`` (see the module docstring)."""
+        weights scattered to ``[N, E]`` (see the module docstring). ``valid``: no -1 slots."""
         n_exp = len(self.experts)
         a_all, b_all = (self._stack_live(list(range(n_exp))) if self._live()
                         else self._frozen_stack()[1:])
         r = a_all.shape[1]
         w = weights.reshape(-1, indices.shape[-1]).to(x.dtype)
         idx = indices.reshape(-1, indices.shape[-1])
-        w = w.masked_fill(idx < 0, 0.0)
-        w_full = w.new_zeros(idx.shape[0], n_exp).scatter_add_(1, idx.clamp_min(0), w)
+        if not valid:
+            w, idx = w.masked_fill(idx < 0, 0.0), idx.clamp_min(0)
+        w_full = w.new_zeros(idx.shape[0], n_exp).scatter_add_(1, idx, w)
         x2 = self._dropout(x).reshape(-1, self.in_features)
         h = (x2 @ a_all.reshape(n_exp * r, self.in_features).t()).view(-1, n_exp, r)
         h = (h * w_full.unsqueeze(-1)).reshape(-1, n_exp * r)
@@ -452,7 +495,8 @@ class LoRALayer(nn.Module):
         return (hasattr(torch, "_grouped_mm") and not x.requires_grad and not self._live()
                 and self.in_features % align == 0 and self.out_features % align == 0)
 
-    def _token_grouped(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def _token_grouped(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor,
+                       valid: bool = False) -> Tensor:
         """The ``token`` path as two grouped matmuls over the (token, slot) rows sorted by expert
         (see the module docstring); padding slots run expert 0 with weight 0."""
         n_exp, k = len(self.experts), indices.shape[-1]
@@ -462,18 +506,25 @@ class LoRALayer(nn.Module):
         if pad:
             a_all, b_all = F.pad(a_all, (0, 0, 0, pad)), F.pad(b_all, (0, pad))
         a_all, b_all = a_all.to(x.dtype), b_all.to(x.dtype)
-        flat = indices.reshape(-1)
-        w = weights.reshape(-1).to(x.dtype).masked_fill(flat < 0, 0.0)
-        e = flat.clamp_min(0)
-        order = torch.argsort(e, stable=True)
-        ends = torch.zeros(n_exp, dtype=torch.int32, device=x.device).scatter_add_(
-            0, e, torch.ones_like(e, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        e, w = indices.reshape(-1), weights.reshape(-1).to(x.dtype)
+        if not valid:
+            w, e = w.masked_fill(e < 0, 0.0), e.clamp_min(0)
+        sorted_e, order = torch.sort(e, stable=True)
+        ends = torch.searchsorted(sorted_e, self._expert_ids(n_exp, x.device), right=True,
+                                  out_int32=True)  # end row of each expert's group
         tok = order // k
         rows = self._dropout(x).reshape(-1, self.in_features).index_select(0, tok)
         h = torch._grouped_mm(rows, a_all.transpose(1, 2), offs=ends)
         d = torch._grouped_mm(h, b_all.transpose(1, 2), offs=ends)
         d = d * w.index_select(0, order)[:, None]
         return y.reshape(-1, self.out_features).index_add(0, tok, d).reshape(y.shape)
+
+    def _expert_ids(self, n: int, device: torch.device) -> Tensor:
+        """``arange(n)`` on ``device``, cached (the grouped path's group boundaries)."""
+        ids = self._ids
+        if ids is None or ids.numel() != n or ids.device != device:
+            ids = self._ids = torch.arange(n, device=device)
+        return ids
 
     def expert_outputs(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """Each expert's own output ``delta_e(x)``, stacked: [..., U, out] (no base, no weights).

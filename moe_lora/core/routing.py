@@ -109,21 +109,27 @@ class Routing:
         return cls("single", expert=int(expert))
 
     @classmethod
-    def per_sample(cls, indices: Tensor, weights: Tensor | None = None) -> Routing:
+    def per_sample(cls, indices: Tensor, weights: Tensor | None = None, *, valid: bool = False
+                   ) -> Routing:
         """Per-sample experts: ``indices`` [B] or [B, k] (integer; -1 = none), ``weights`` [B] or
-        [B, k] (floating; default 1).
+        [B, k] (floating; default 1). ``valid=True`` promises that no index is -1 (a router's
+        top-k): see :attr:`valid`.
 
         Raises:
             ValueError: shapes disagree, or a dtype is wrong (see :class:`Routing`).
         """
         if indices.dim() == 1:
             indices = indices[:, None]
+        unit = weights is None
         if weights is None:
             weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
         elif weights.dim() == 1:
             weights = weights[:, None]
         _check_sparse("sample", indices, weights, 2)
-        return cls("sample", indices=indices.long(), weights=weights)
+        routing = cls("sample", indices=indices.long(), weights=weights)._promise(valid)
+        if unit:  # known without looking at the values: the layers skip the weight product
+            object.__setattr__(routing, "_unit", True)
+        return routing
 
     @classmethod
     def dense(cls, weights: Tensor) -> Routing:
@@ -135,14 +141,27 @@ class Routing:
         return cls("dense", weights=weights)
 
     @classmethod
-    def per_token(cls, indices: Tensor, weights: Tensor) -> Routing:
+    def per_token(cls, indices: Tensor, weights: Tensor, *, valid: bool = False) -> Routing:
         """Top-k per token: ``indices`` (integer; -1 = none) and ``weights`` both [B, T, k].
+        ``valid=True`` promises that no index is -1 (a router's top-k): see :attr:`valid`.
 
         Raises:
             ValueError: shapes disagree, or a dtype is wrong (see :class:`Routing`).
         """
         _check_sparse("token", indices, weights, 3)
-        return cls("token", indices=indices.long(), weights=weights)
+        return cls("token", indices=indices.long(), weights=weights)._promise(valid)
+
+    def _promise(self, valid: bool) -> Routing:
+        if valid:
+            object.__setattr__(self, "_valid", True)
+        return self
+
+    @property
+    def valid(self) -> bool:
+        """Whether the builder promised that no index is ``-1`` (``per_sample``/``per_token``
+        with ``valid=True``): the layers then skip masking padding slots, two kernels fewer per
+        layer. The bank still checks the index range when the routing is set."""
+        return bool(self.__dict__.get("_valid", False))
 
     @classmethod
     def from_output(cls, out: RouterOutput) -> Routing:
@@ -161,11 +180,35 @@ class Routing:
         if self.kind != "sample" or self.indices is None or self.weights is None:
             return None
         if "_uniform" not in self.__dict__:
+            if torch.compiler.is_compiling():  # a host sync would break the graph: mixed path
+                return None
             idx, w = self.indices, self.weights
             first = idx[:1, :1]
             same = idx.shape[1] == 1 and bool(((idx == first) & (first >= 0) & (w == 1)).all())
             object.__setattr__(self, "_uniform", int(first) if same else None)
         return self.__dict__["_uniform"]
+
+    def sample_slots(self, n_experts: int, rank: int, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor | None]:
+        """For ``sample`` routing, what every LoRA layer of one forward shares (memoised per
+        ``(n_experts, rank, dtype)``, so each layer launches no extra kernel for it):
+
+        * the packed-stack row of each slot, flat ``[B*k]``: the expert index, ``-1`` mapped to
+          ``n_experts`` (the stack's zero row);
+        * the weight of each of the ``k * rank`` columns of ``h = x A^T``, ``[B, 1, k*rank]``, with
+          padding slots at 0; ``None`` when the routing was built without weights (all 1).
+        """
+        assert self.kind == "sample" and self.indices is not None and self.weights is not None
+        memo = self.__dict__.setdefault("_slots", {})
+        key = (n_experts, rank, dtype)
+        if key not in memo:
+            rows = self.indices.remainder(n_experts + 1).reshape(-1)
+            cols = None
+            if not self.__dict__.get("_unit", False):
+                w = self.weights.to(dtype).masked_fill(self.indices < 0, 0.0)
+                cols = w.repeat_interleave(rank, dim=1)[:, None, :]
+            memo[key] = (rows, cols)
+        return memo[key]
 
     def expand(self, n: int) -> Routing:
         """Each sample's routing repeated ``n`` times in a row: row ``b * n + j`` gets sample b's.
@@ -183,7 +226,10 @@ class Routing:
             return self
         indices = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
         weights = None if self.weights is None else self.weights.repeat_interleave(n, dim=0)
-        return Routing(self.kind, self.expert, indices, weights)
+        routing = Routing(self.kind, self.expert, indices, weights)._promise(self.valid)
+        if self.__dict__.get("_unit", False):
+            object.__setattr__(routing, "_unit", True)
+        return routing
 
     @property
     def batch_size(self) -> int | None:
