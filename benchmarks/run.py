@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import cases_inference, cases_routing, cases_train  # noqa: E402
+from benchmarks import cases_inference, cases_routing, cases_scale, cases_train  # noqa: E402
+from benchmarks.fixtures import random_weights  # noqa: E402
 from benchmarks.harness import Row, Settings, format_table, write_results  # noqa: E402
 
 CaseFn = Callable[[Settings], list[Row]]
@@ -42,6 +43,7 @@ CASES: list[tuple[tuple[str, ...], CaseFn]] = [
     (("7",), cases_routing.case_router),
     (("8",), cases_routing.case_retrieval),
     (("9",), cases_inference.case_growth),
+    (("12",), cases_scale.case_scale),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "threads": args.threads,
         "cases": args.cases,
+        "weights": "random" if random_weights() else "pretrained",
     }
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -28,6 +28,9 @@ def test_quick_suite_writes_valid_json(tmp_path: Path) -> None:
         assert set(r) == ROW_KEYS
         assert r["status"] == "ok", r
         assert r["unit"] == "x" and r["value"] > 0
+        if r["check"].endswith("aten kernels"):  # a launch count: no timings
+            assert r["value"] == r["extra"]["kernels"] / r["extra"]["kernels_ref"] > 1.0
+            continue
         assert "allclose" in r["check"] or r["check"] == "timing only"
         for side in ("a", "b"):
             t = r[side]
@@ -37,3 +40,20 @@ def test_quick_suite_writes_valid_json(tmp_path: Path) -> None:
             assert op in ("<=", ">=") and float(threshold) > 0
             assert isinstance(r["met"], bool)
     assert "| case |" in proc.stdout
+
+
+def test_scale_case_runs_at_toy_shapes_and_stays_pending_on_the_cpu() -> None:
+    """Case 12 (GPU-sized shapes) runs its code at toy shapes with ``--quick``: every per-sample
+    row equals PEFT ``adapter_names`` and carries tokens/s and peak memory; at full size on the
+    CPU it reports itself pending instead of running for hours."""
+    from benchmarks.cases_scale import case_scale
+    from benchmarks.harness import Settings
+
+    rows = case_scale(Settings(quick=True, rounds=1, warmup=0))
+    assert len(rows) == 8 and all(r.status == "ok" for r in rows)
+    for r in rows:
+        if "PEFT" in r.what:
+            assert "allclose" in r.check, r.check
+        assert r.extra["tokens_per_s"][r.a_name] > 0 and "base" in r.extra["peak_mib"]
+    (pending,) = case_scale(Settings())
+    assert pending.status == "pending" and "--device cuda" in pending.check

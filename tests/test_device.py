@@ -54,16 +54,27 @@ def _reference(model: nn.Module, bank: ExpertBank, x: torch.Tensor, w: torch.Ten
     return h
 
 
-def test_every_routing_mode_matches_the_reference(device):
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_routing_mode_matches_the_reference(device, mode):
+    """Training mode takes the gathered paths, eval mode the packed-stack inference paths."""
     model = _mlp()
     bank = _bank(model)
     bank.to(device)
+    bank.train(mode == "train")
     x = torch.randn(6, 16)
     idx = torch.tensor([0, 1, 2, 0, 1, 2])
     w = torch.rand(6, 3)
+    idx2 = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1], [1, 1], [2, 1]])
+    w2 = torch.rand(6, 2)
+    dense2 = torch.zeros(6, 3)
+    for b in range(6):
+        for j in range(2):
+            if idx2[b, j] >= 0:
+                dense2[b, idx2[b, j]] += w2[b, j]
     cases = {
         "single": (Routing.single(1), torch.tensor([[0.0, 1.0, 0.0]]).expand(6, 3)),
         "sample": (Routing.per_sample(idx.to(device)), nn.functional.one_hot(idx, 3).float()),
+        "sample k=2": (Routing.per_sample(idx2.to(device), w2.to(device)), dense2),
         "dense": (Routing.dense(w.to(device)), w),
     }
     bank_cpu = copy.deepcopy(bank).to("cpu")
@@ -97,6 +108,26 @@ def test_olora_loss_on_device(device):
     bank_cpu = copy.deepcopy(bank).to("cpu")
     ref = olora_loss(bank_cpu, 2, [0, 1], 0.5, 0.1)
     torch.testing.assert_close(loss.detach().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "dense", "grouped"])
+def test_token_dispatch_on_device_equals_the_reference(device, dispatch):
+    """Top-k per token on the device, each dispatch, at inference: equals the per-expert sum."""
+    bank = _bank(_mlp()).to(device).eval()
+    bank.ctx.token_dispatch = dispatch
+    layer = bank.layers["0"]
+    x = torch.randn(3, 5, 16)
+    idx = torch.randint(0, 3, (3, 5, 2))
+    idx[1, 2:, 1] = -1
+    w = torch.rand(3, 5, 2)
+    with torch.no_grad():
+        y = layer.base(x.to(device))
+        out = layer.apply_routing(x.to(device), y, Routing.per_token(idx.to(device), w.to(device)))
+        ref = y.cpu().double()
+        for e, f in enumerate(layer.experts):
+            delta = (x.double() @ f.lora_A.cpu().double().t()) @ f.lora_B.cpu().double().t()
+            ref += (w * (idx == e)).sum(-1, keepdim=True).double() * delta * f.scale
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("router", ["mole", "topk"])

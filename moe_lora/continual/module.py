@@ -269,7 +269,10 @@ class MoELoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over trainable parameters; ``lora_B`` at ``lora_plus_ratio * lr`` (LoRA+)."""
+        """AdamW over trainable parameters; ``lora_B`` at ``lora_plus_ratio * lr`` (LoRA+).
+
+        On CUDA the fused implementation (one kernel per step for all parameters, instead of a
+        dozen per parameter tensor: LoRA steps are launch-bound at small shapes)."""
         b_params, rest = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -278,7 +281,10 @@ class MoELoRAModule(L.LightningModule):
         groups: list[dict[str, Any]] = [{"params": rest, "lr": t.lr}]
         if b_params:
             groups.append({"params": b_params, "lr": t.lr * t.lora_plus_ratio})
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        params = rest + b_params
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
+                                 fused=True if fused else None)
 
 
 def causal_lm_loss(bank: ExpertBank, batch: dict[str, Tensor], routing: Routing) -> Tensor:
