@@ -341,8 +341,9 @@ class LoRALayer(nn.Module):
 
     def _packed(self) -> Tensor:
         """The frozen experts packed as ``[E + 1, R, in + out]``: row ``e`` holds ``A_e`` and
-        ``(s_e B_e)^T``, padded to the largest rank R; the last row is zero, so index ``-1`` (no
-        expert) gathers nothing. One gather fetches both factors of any expert set.
+        ``(s_e B_e)^T``, zero-padded to R, the largest rank rounded up to 16 bytes (what grouped
+        matmuls need); the last row is zero, so index ``-1`` (no expert) gathers nothing. One
+        gather fetches both factors of any expert set.
 
         Built lazily, rebuilt when the bank changes or the experts move to another device/dtype.
         """
@@ -352,7 +353,9 @@ class LoRALayer(nn.Module):
             with torch.no_grad():
                 if len(self.experts):
                     a, b = self._stack_live(list(range(len(self.experts))))
-                    packed = F.pad(torch.cat([a, b.transpose(1, 2)], dim=2), (0, 0, 0, 0, 0, 1))
+                    pad_r = -a.shape[1] % (16 // a.element_size())  # 16-byte aligned rank rows
+                    packed = F.pad(torch.cat([a, b.transpose(1, 2)], dim=2),
+                                   (0, 0, 0, pad_r, 0, 1))
                 else:
                     packed = ref.new_zeros(1, 1, self.in_features + self.out_features)
             self._stack = (key, packed)
@@ -502,7 +505,7 @@ class LoRALayer(nn.Module):
         n_exp, k = len(self.experts), indices.shape[-1]
         _, a_all, b_all = self._frozen_stack()
         align = 16 // x.element_size()
-        pad = -a_all.shape[1] % align  # the rank axis too must be 16-byte aligned
+        pad = -a_all.shape[1] % align  # aligned when packed, unless x has another dtype
         if pad:
             a_all, b_all = F.pad(a_all, (0, 0, 0, pad)), F.pad(b_all, (0, pad))
         a_all, b_all = a_all.to(x.dtype), b_all.to(x.dtype)
