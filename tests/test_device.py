@@ -174,3 +174,24 @@ def test_continual_engine_on_device(device, tmp_path):
     assert results["experts-taskid"]["average_accuracy"] >= 0.9
     assert results["experts-taskid"]["forgetting"] == pytest.approx(0.0, abs=1e-9)
     assert results["experts-retrieval"]["tp"] >= 0.8
+
+
+def test_engine_in_bf16_mixed_matches_fp32(device, tmp_path):
+    """``train.precision=bf16-mixed`` (autocast: bf16 activations over fp32 experts and packed
+    stacks) gives the fp32 run's accuracies within bf16 noise, on the CPU as on CUDA."""
+    from moe_lora.continual.runner import run_continual
+    from moe_lora.continual.settings import load_config
+
+    acc = "cpu" if device.type == "cpu" else "gpu"
+    results = {}
+    for precision in ("32", "bf16-mixed"):
+        cfg = load_config("configs/split_digits.yaml", [
+            f"output.dir={tmp_path / precision}", f"train.accelerator={acc}", "train.epochs=2",
+            f"train.precision={precision}", "strategies.run=[olora,experts-taskid,experts-stats]",
+            "output.plots=false"])
+        results[precision] = run_continual(cfg, progress=False)["strategies"]
+    for name in ("olora", "experts-taskid", "experts-stats"):
+        aa32 = results["32"][name]["average_accuracy"]
+        aa16 = results["bf16-mixed"][name]["average_accuracy"]
+        assert abs(aa32 - aa16) <= 0.03, (name, aa32, aa16)
+    assert results["bf16-mixed"]["experts-taskid"]["average_accuracy"] >= 0.9
