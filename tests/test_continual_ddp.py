@@ -1,4 +1,5 @@
-"""Two CPU processes (DDP, gloo) give the single-process results, identical state on every rank."""
+"""Two CPU processes (DDP, gloo) give the single-process results, identical state on every rank
+(experts, MoLE gates and the Bayes router's statistics included)."""
 
 import json
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-STRATEGIES = "[naive,experts-taskid,experts-retrieval]"
+STRATEGIES = "[naive,experts-taskid,experts-retrieval,experts-mole,experts-stats]"
 
 
 def _run(out, *extra):
