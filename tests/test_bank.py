@@ -556,3 +556,15 @@ def test_no_grad_forwards_keep_no_aux_losses():
         bank(x).sum().backward()
     assert len(bank.ctx.aux_losses) == 2  # one per gated layer
     assert bank.pop_aux_loss().requires_grad
+
+
+def test_a_valid_promise_is_checked_when_the_routing_is_set():
+    """``valid=True`` lets the layers skip the padding masks, so a -1 slot in such a routing is
+    refused when the routing is set instead of indexing out of range."""
+    bank = tiny_bank()
+    with pytest.raises(ValueError, match="valid=True"):
+        bank.set_routing(Routing.per_token(torch.tensor([[[0, -1]]]), torch.ones(1, 1, 2),
+                                           valid=True))
+    with pytest.raises(ValueError, match="valid=True"):
+        bank.set_routing(Routing.per_sample(torch.tensor([1, -1]), valid=True))
+    bank.set_routing(Routing.per_sample(torch.tensor([1, 2]), valid=True))  # a kept promise

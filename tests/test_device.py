@@ -75,6 +75,7 @@ def test_every_routing_mode_matches_the_reference(device, mode):
         "single": (Routing.single(1), torch.tensor([[0.0, 1.0, 0.0]]).expand(6, 3)),
         "sample": (Routing.per_sample(idx.to(device)), nn.functional.one_hot(idx, 3).float()),
         "sample k=2": (Routing.per_sample(idx2.to(device), w2.to(device)), dense2),
+        "sample, CPU index tensors": (Routing.per_sample(idx2, w2), dense2),
         "dense": (Routing.dense(w.to(device)), w),
     }
     bank_cpu = copy.deepcopy(bank).to("cpu")

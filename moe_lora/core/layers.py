@@ -374,7 +374,7 @@ class LoRALayer(nn.Module):
         bsz, k = indices.shape
         packed = self._packed()
         r, d_in = packed.shape[1], self.in_features
-        rows, w_cols = routing.sample_slots(len(self.experts), r, x.dtype)
+        rows, w_cols = routing.sample_slots(len(self.experts), r, x.dtype, packed.device)
         g = packed.index_select(0, rows).view(bsz, k * r, d_in + self.out_features)
         h = torch.bmm(x.reshape(bsz, -1, d_in), g[:, :, :d_in].transpose(1, 2))  # [B, T, kR]
         if w_cols is not None:
@@ -385,7 +385,8 @@ class LoRALayer(nn.Module):
     def _sample_gathered(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """The ``sample`` path when experts train or dropout applies (see :meth:`_gathered`)."""
         bsz, k = indices.shape
-        weights = weights.to(x.dtype).masked_fill(indices < 0, 0.0)
+        indices = indices.to(x.device)
+        weights = weights.to(device=x.device, dtype=x.dtype).masked_fill(indices < 0, 0.0)
         indices = indices.clamp_min(0)
         a_g, b_g, used = self._gathered(indices)  # [B*k, R, in], [B*k, out, R]
         r = a_g.shape[1]
@@ -444,6 +445,7 @@ class LoRALayer(nn.Module):
     def _token(self, x: Tensor, y: Tensor, indices: Tensor, weights: Tensor,
                valid: bool = False) -> Tensor:
         mode = self.ctx.token_dispatch
+        indices, weights = indices.to(x.device), weights.to(x.device)  # no-ops on one device
         compiling = torch.compiler.is_compiling()  # the graph needs no host sync: dense
         if mode == "dense" or (mode in ("auto", "grouped") and compiling) or (
                 mode == "auto" and x.is_cuda):

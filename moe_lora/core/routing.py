@@ -188,10 +188,11 @@ class Routing:
             object.__setattr__(self, "_uniform", int(first) if same else None)
         return self.__dict__["_uniform"]
 
-    def sample_slots(self, n_experts: int, rank: int, dtype: torch.dtype
+    def sample_slots(self, n_experts: int, rank: int, dtype: torch.dtype, device: torch.device
                      ) -> tuple[Tensor, Tensor | None]:
         """For ``sample`` routing, what every LoRA layer of one forward shares (memoised per
-        ``(n_experts, rank, dtype)``, so each layer launches no extra kernel for it):
+        ``(n_experts, rank, dtype, device)``, so each layer launches no extra kernel for it; index
+        tensors built on another device are moved once here):
 
         * the packed-stack row of each slot, flat ``[B*k]``: the expert index, ``-1`` mapped to
           ``n_experts`` (the stack's zero row);
@@ -200,12 +201,13 @@ class Routing:
         """
         assert self.kind == "sample" and self.indices is not None and self.weights is not None
         memo = self.__dict__.setdefault("_slots", {})
-        key = (n_experts, rank, dtype)
+        key = (n_experts, rank, dtype, device)
         if key not in memo:
-            rows = self.indices.remainder(n_experts + 1).reshape(-1)
+            indices = self.indices.to(device)
+            rows = indices.remainder(n_experts + 1).reshape(-1)
             cols = None
             if not self.__dict__.get("_unit", False):
-                w = self.weights.to(dtype).masked_fill(self.indices < 0, 0.0)
+                w = self.weights.to(device=device, dtype=dtype).masked_fill(indices < 0, 0.0)
                 cols = w.repeat_interleave(rank, dim=1)[:, None, :]
             memo[key] = (rows, cols)
         return memo[key]
@@ -296,6 +298,11 @@ def check_routing_values(routing: Routing, n_experts: int) -> None:
             raise IndexError(
                 f"routing index {bad} out of range: indices must be in [0, {n_experts}) for "
                 f"{n_experts} experts, or -1 for no expert"
+            )
+        if lo == -1 and routing.valid:
+            raise ValueError(
+                f"{routing.kind} routing was built with valid=True (no -1 slots) but holds "
+                "index -1; build it without valid=True"
             )
 
 
