@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from benchmarks.fixtures import (
     clone_model,
     expert_reference,
+    forward_fn,
     load_model,
     make_bank,
     peft_twin,
@@ -22,20 +23,6 @@ from benchmarks.harness import Goal, Row, Settings, check_close, time_interleave
 from moe_lora import ExpertBank, ExpertConfig, Routing
 
 __all__ = ["case_layer", "case_merged", "case_mixed", "case_decode", "case_growth"]
-
-
-def _forward(bank: ExpertBank | nn.Module, batch: dict[str, Tensor], routing: Routing | None = None
-             ) -> Callable[[], Tensor]:
-    """A no-grad forward of ``bank`` (or a plain model) under ``routing``: returns the hidden state."""
-
-    def run() -> Tensor:
-        with torch.no_grad():
-            if isinstance(bank, ExpertBank):
-                with bank.use(routing):
-                    return bank.model(**batch).last_hidden_state
-            return bank(**batch).last_hidden_state
-
-    return run
 
 
 class _Holder(nn.Module):
@@ -77,12 +64,12 @@ def case_merged(s: Settings) -> list[Row]:
     plain = clone_model(model)
     bank = make_bank(model, "minilm", 1)
     batch = token_batch(model, b, t_len, s)
-    unmerged = _forward(bank, batch, Routing.single(0))()
+    unmerged = forward_fn(bank, batch, Routing.single(0))()
     bank.merge("e0")
     with torch.no_grad():
         for path, layer in bank.layers.items():
             plain.get_submodule(path).weight.copy_(layer.base.weight)
-    merged, base = _forward(bank, batch), _forward(plain, batch)
+    merged, base = forward_fn(bank, batch), forward_fn(plain, batch)
     check_close("merged vs unmerged single expert", merged(), unmerged, s)
     check = check_close("merged bank vs plain model holding the merged weights", merged(), base(), s)
     t = time_interleaved({"merged": merged, "base": base}, s)
@@ -105,18 +92,13 @@ def case_mixed(s: Settings) -> list[Row]:
     names = bank.names
     peft = peft_twin(peft_model, "minilm", bank, names)
     batch = token_batch(model, b, t_len, s)
-    fns: dict[str, Callable[[], Tensor]] = {"single": _forward(bank, batch, Routing.single(0))}
+    fns: dict[str, Callable[[], Tensor]] = {"single": forward_fn(bank, batch, Routing.single(0))}
     checks: dict[int, str] = {}
     for n in ns:
         idx = _per_sample(b, n, s.device)
-        fns[f"N={n}"] = mixed = _forward(bank, batch, Routing.per_sample(idx))
-        adapter_names = [names[i] for i in idx.tolist()]
-
-        def run_peft(adapter_names: list[str] = adapter_names) -> Tensor:
-            with torch.no_grad():
-                return peft(**batch, adapter_names=adapter_names).last_hidden_state
-
-        fns[f"peft N={n}"] = run_peft
+        fns[f"N={n}"] = mixed = forward_fn(bank, batch, Routing.per_sample(idx))
+        fns[f"peft N={n}"] = run_peft = forward_fn(
+            peft, batch, adapter_names=[names[i] for i in idx.tolist()])
         out = mixed()
         checks[n] = check_close("mixed vs each expert's samples run alone", out,
                                 expert_reference(bank, batch, idx), s)
@@ -149,13 +131,13 @@ def case_decode(s: Settings) -> list[Row]:
     bank = make_bank(model, "minilm", b)
     batch = token_batch(model, b, 1, s)
     idx = torch.arange(b, device=s.device)
-    single = _forward(bank, batch, Routing.single(0))
-    mixed = _forward(bank, batch, Routing.per_sample(idx))
-    uniform = _forward(bank, batch, Routing.per_sample(torch.zeros_like(idx)))
+    single = forward_fn(bank, batch, Routing.single(0))
+    mixed = forward_fn(bank, batch, Routing.per_sample(idx))
+    uniform = forward_fn(bank, batch, Routing.per_sample(torch.zeros_like(idx)))
     rows_in = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(b)]
 
     def loop() -> Tensor:
-        return torch.cat([_forward(bank, r, Routing.single(i))() for i, r in enumerate(rows_in)])
+        return torch.cat([forward_fn(bank, r, Routing.single(i))() for i, r in enumerate(rows_in)])
 
     check = check_close("mixed vs a loop of one-sample forwards", mixed(), loop(), s)
     check_u = check_close("uniform batch via per_sample vs single", uniform(), single(), s)
@@ -178,8 +160,8 @@ def case_growth(s: Settings) -> list[Row]:
     small_bank = make_bank(load_model("minilm", s), "minilm", 1)
     big_bank = make_bank(load_model("minilm", s), "minilm", big)
     batch = token_batch(small_bank.model, b, t_len, s)
-    one = _forward(small_bank, batch, Routing.single(0))
-    many = _forward(big_bank, batch, Routing.single(0))
+    one = forward_fn(small_bank, batch, Routing.single(0))
+    many = forward_fn(big_bank, batch, Routing.single(0))
     check = check_close(f"expert 0 of a {big}-expert bank vs of a 1-expert bank", many(), one(), s)
     t = time_interleaved({"many": many, "one": one}, s)
     return [Row.ratio("9", f"single-expert forward ({b}x{t_len}), {big} experts vs 1",

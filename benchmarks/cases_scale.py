@@ -14,7 +14,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from benchmarks.fixtures import clone_model, load_model, make_bank, peft_twin, token_batch
+from benchmarks.fixtures import (
+    clone_model,
+    forward_fn,
+    load_model,
+    make_bank,
+    peft_twin,
+    token_batch,
+)
 from benchmarks.harness import Row, Settings, check_close, peak_memory, time_interleaved
 from moe_lora import Routing
 
@@ -49,14 +56,14 @@ def case_scale(s: Settings) -> list[Row]:
         peft = peft_twin(peft_base, "smollm2-135m", bank, bank.names[: max(peft_n)])
     for phase, batch in (("prefill", prefill), ("decode", decode)):
         tokens = batch["input_ids"].numel()
-        fns: dict[str, Callable[[], Tensor]] = {"base": _run(bank, batch, Routing.base())}
+        fns: dict[str, Callable[[], Tensor]] = {"base": forward_fn(bank, batch, Routing.base())}
         checks: dict[int, str] = {}
         for n in counts:
             idx = (torch.arange(b) % n).to(s.device)
-            fns[f"N={n}"] = _run(bank, batch, Routing.per_sample(idx))
+            fns[f"N={n}"] = forward_fn(bank, batch, Routing.per_sample(idx))
             if peft is not None and n in peft_n:
                 names = [bank.names[i] for i in idx.tolist()]
-                fns[f"peft N={n}"] = _run_peft(peft, batch, names)
+                fns[f"peft N={n}"] = forward_fn(peft, batch, adapter_names=names)
                 checks[n] = check_close(f"{phase} N={n} vs PEFT adapter_names", fns[f"N={n}"](),
                                         fns[f"peft N={n}"](), s)
             else:
@@ -80,19 +87,3 @@ def case_scale(s: Settings) -> list[Row]:
                                       (f"peft {key}", t[f"peft {key}"]), None, checks[n],
                                       tokens_per_s=tps, peak_mib=memory))
     return rows
-
-
-def _run(bank, batch: dict[str, Tensor], routing: Routing) -> Callable[[], Tensor]:  # type: ignore[no-untyped-def]
-    def run() -> Tensor:
-        with torch.no_grad(), bank.use(routing):
-            return bank.model(**batch).last_hidden_state
-
-    return run
-
-
-def _run_peft(peft, batch: dict[str, Tensor], names: list[str]) -> Callable[[], Tensor]:  # type: ignore[no-untyped-def]
-    def run() -> Tensor:
-        with torch.no_grad():
-            return peft(**batch, adapter_names=names).last_hidden_state
-
-    return run

@@ -10,7 +10,7 @@ import copy
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "peft_twin",
     "hidden_loss",
     "expert_reference",
+    "forward_fn",
 ]
 
 RANK = 8
@@ -140,3 +141,18 @@ def expert_reference(bank: ExpertBank, batch: dict[str, Tensor], experts: Tensor
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy (PEFT and the bank both modify their model in place)."""
     return copy.deepcopy(model)
+
+
+def forward_fn(model: ExpertBank | nn.Module, batch: dict[str, Tensor],
+               routing: Routing | None = None, **kwargs: object) -> Callable[[], Tensor]:
+    """A no-grad forward of a bank (under ``routing``) or a plain model (``kwargs`` go to its
+    call, e.g. PEFT's ``adapter_names``): returns the last hidden state."""
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            if isinstance(model, ExpertBank):
+                with model.use(routing):
+                    return model.model(**batch).last_hidden_state
+            return model(**batch, **kwargs).last_hidden_state
+
+    return run

@@ -419,7 +419,7 @@ class GateRouter(WeightLog):
         self.attention_mask = mask
         self._float_mask: tuple[tuple, Tensor] | None = None
 
-    def token_mask(self, x: Tensor) -> Tensor | None:
+    def float_mask(self, x: Tensor) -> Tensor | None:
         """The attention mask as float [N] over the N tokens of ``x`` [..., in], or None without
         one; converted once per batch and device, and shared by the gates (no finiteness check:
         see :func:`token_mask` for that).

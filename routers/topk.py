@@ -141,7 +141,7 @@ class TopKGate(nn.Module):
         # Training: real and finite tokens (the losses); inference: the attention mask alone,
         # converted once per batch for all gates (non-finite tokens are left out of last_load).
         mask = (token_mask(x, self.router.attention_mask) if training
-                else self.router.token_mask(h))
+                else self.router.float_mask(h))
         weights = top_p if mask is None else top_p * mask[:, None]
         aux, probs = self.router.zero(logits), None
         if training:
