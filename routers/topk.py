@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lora.core.routing import GateOutput, Routing, register_router
@@ -60,8 +59,11 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def load_balancing_loss(probs: Tensor, top: Tensor, mask: Tensor) -> Tensor:
     """``E * sum_e f_e P_e`` for ``probs`` [N, E], chosen experts ``top`` [N, k], ``mask`` [N]."""
+    # membership counts [N, E] by a scatter: F.one_hot would check the index range on the host
+    chosen = probs.new_zeros(probs.shape).scatter_add_(
+        1, top, probs.new_ones(()).expand(top.shape))
     n_exp = probs.shape[-1]
-    f = masked_mean(F.one_hot(top, n_exp).sum(1).to(probs.dtype), mask)
+    f = masked_mean(chosen, mask)
     return n_exp * (f * masked_mean(probs, mask)).sum()
 
 

@@ -568,3 +568,36 @@ def test_a_valid_promise_is_checked_when_the_routing_is_set():
     with pytest.raises(ValueError, match="valid=True"):
         bank.set_routing(Routing.per_sample(torch.tensor([1, -1]), valid=True))
     bank.set_routing(Routing.per_sample(torch.tensor([1, 2]), valid=True))  # a kept promise
+
+
+_SYNCING = {"_local_scalar_dense", "aminmax", "nonzero", "_unique2", "unique_consecutive", "item"}
+
+
+@pytest.mark.parametrize("router", ["topk", "mole"])
+def test_gated_training_steps_never_wait_for_the_device(router):
+    """A training step (forward and backward) through top-k gates over trainable experts
+    (``dense`` dispatch, the CUDA default) or MoLE gates over frozen experts reads no value back
+    to the host: no ``.item()``/``.tolist()``, ``nonzero``, ``unique`` or range check. Each would
+    stall the GPU once per layer. Live stacks of equal-rank experts are two stacks and a product."""
+    from moe_lora.core.routing import RouterInput
+    from moe_lora.routers import MoLEConfig, MoLERouter, TopKConfig, TopKRouter
+
+    bank = ExpertBank(tiny(in_f=16, hidden=16, out=4), targets="all-linear")
+    for i in range(4):
+        bank.add_expert(f"e{i}", ExpertConfig(rank=4, init="random"), trainable=router == "topk")
+    gates = (TopKRouter(TopKConfig(k=2), bank) if router == "topk"
+             else MoLERouter(MoLEConfig(), bank)).attach()
+    bank.train()
+    bank.ctx.token_dispatch = "dense"
+    x, mask = torch.randn(3, 5, 16), torch.ones(3, 5)
+
+    def step() -> None:
+        with bank.use(gates.routing(RouterInput(attention_mask=mask))):
+            loss = bank(x).square().mean() + bank.pop_aux_loss()
+        loss.backward()
+
+    step()
+    ops = _kernels(step)
+    assert not _SYNCING & set(ops), ops
+    if router == "topk":
+        assert "constant_pad_nd" not in ops  # equal ranks: stacked without padding

@@ -325,13 +325,20 @@ class LoRALayer(nn.Module):
         return a_all.index_select(0, experts), b_all.index_select(0, experts)
 
     def _stack_live(self, ids: list[int]) -> tuple[Tensor, Tensor]:
-        r = max(self.experts[e].rank for e in ids)
-        a = [F.pad(self.experts[e].lora_A, (0, 0, 0, r - self.experts[e].rank)) for e in ids]
-        b = [
-            F.pad(self.experts[e].lora_B * self.experts[e].scale, (0, r - self.experts[e].rank))
-            for e in ids
-        ]
-        return torch.stack(a), torch.stack(b)
+        """``A`` [U, R, in] and ``s·B`` [U, out, R] of experts ``ids``, stacked from the live
+        parameters (gradients flow). Equal ranks need no padding and equal scales one product:
+        two stacks and a multiply, however many experts (a training forward stacks every layer)."""
+        fs = [self.experts[e] for e in ids]
+        r = max(f.rank for f in fs)
+        if all(f.rank == r for f in fs):
+            a, b = torch.stack([f.lora_A for f in fs]), torch.stack([f.lora_B for f in fs])
+        else:
+            a = torch.stack([F.pad(f.lora_A, (0, 0, 0, r - f.rank)) for f in fs])
+            b = torch.stack([F.pad(f.lora_B, (0, r - f.rank)) for f in fs])
+        scales = [f.scale for f in fs]
+        if all(sc == scales[0] for sc in scales):
+            return a, b * scales[0]
+        return a, b * torch.tensor(scales, dtype=b.dtype, device=b.device)[:, None, None]
 
     def _frozen_stack(self) -> tuple[int, Tensor, Tensor]:
         """(version, ``A`` [E, R, in], ``B`` [E, out, R]): views of :meth:`_packed` (no copy)."""
@@ -539,7 +546,8 @@ class LoRALayer(nn.Module):
         """
         ids = torch.arange(len(self.experts), device=x.device) if experts is None else experts
         a_u, b_u = self.stacked(ids)
-        h = torch.einsum("...i,uri->...ur", self._dropout(x, ids.tolist()), a_u)
+        used = None if experts is None or not self.training else experts.tolist()  # no host sync
+        h = torch.einsum("...i,uri->...ur", self._dropout(x, used), a_u)  # at inference
         return torch.einsum("...ur,uor->...uo", h, b_u)
 
     def extra_repr(self) -> str:
