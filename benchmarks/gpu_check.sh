@@ -10,7 +10,8 @@
 #   DEVICE=cpu benchmarks/gpu_check.sh         # a dry run of the script itself on a CPU machine
 #
 # 1. install: the wheels in .whl/ and the project itself, offline, into /tmp/site (always runs)
-# 2. tests:  pytest --device cuda on the device tests and the continual engine tests
+# 2. tests:  pytest --device cuda on the device tests, the continual engine tests and DDP (NCCL
+#            when two GPUs are present, gloo on the CPU always)
 # 3. engine: the continual engine on CUDA (Split-Digits, every strategy; the main job too when
 #            the embedded MiniLM package is installed), results next to a CPU run of the same config
 # 4. bench:  the goal cases (3, 4, 7, 5/11, 1) and the scale rows (12) on CUDA in bf16, then fp32
@@ -68,7 +69,7 @@ if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available()" || { status=1; finish; }
 fi
 step tests 120 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
-  tests/test_continual_digits.py
+  tests/test_continual_digits.py tests/test_continual_ddp.py
 engine() {
   for acc in "$ACC" cpu; do
     "$PY" -m moe_lora.cli continual configs/split_digits.yaml --overwrite -q \

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 STRATEGIES = "[naive,experts-taskid,experts-retrieval,experts-mole,experts-stats]"
 
@@ -19,9 +20,13 @@ def _run(out, *extra):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    _, single = _run(tmp_path / "one")
-    proc, multi = _run(tmp_path / "two", "train.devices=2", "train.strategy=ddp")
+def test_two_processes_match_one(tmp_path, device):
+    """gloo on the CPU; with ``--device cuda`` also NCCL on two GPUs (skipped with fewer)."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL DDP needs two GPUs, torch sees {torch.cuda.device_count()}")
+    acc = "train.accelerator=" + ("gpu" if device.type == "cuda" else "cpu")
+    _, single = _run(tmp_path / "one", acc)
+    proc, multi = _run(tmp_path / "two", acc, "train.devices=2", "train.strategy=ddp")
     assert multi["processes"]["world_size"] == 2
     assert set(multi["processes"]["state_sha256"]) == {"naive", "experts"}  # one per strategy
     for strategy, digests in multi["processes"]["state_sha256"].items():
