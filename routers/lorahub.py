@@ -209,4 +209,4 @@ class LoRAHubRouter(WeightLog):
 
     def routing(self, batch: RouterInput) -> Routing:
         """The :class:`Routing` to apply for ``batch``."""
-        return Routing.from_output(self.route(batch))
+        return Routing.from_output(self.route(batch)).for_layout(self.bank.ctx.layout)

@@ -216,7 +216,7 @@ class RetrievalRouter(WeightLog):
         """The :class:`Routing` to apply for ``batch`` (fusion: sets the plan and gates)."""
         out = self.route(batch)
         if self.config.composition == "mixture":
-            return Routing.from_output(out)
+            return Routing.from_output(out).for_layout(self.bank.ctx.layout)
         assert out.indices is not None
         self._attach_fusion()
         self.fusion_plan = (out.indices, out.weights)

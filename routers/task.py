@@ -89,7 +89,7 @@ class TaskRouter(WeightLog):
 
     def routing(self, batch: RouterInput) -> Routing:
         """The :class:`Routing` to apply for ``batch``."""
-        return Routing.from_output(self.route(batch))
+        return Routing.from_output(self.route(batch)).for_layout(self.bank.ctx.layout)
 
     def _output(self, rows: list[list[int]]) -> RouterOutput:
         k = max(len(r) for r in rows)

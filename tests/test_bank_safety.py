@@ -48,6 +48,34 @@ def test_a_restored_routing_is_invalidated_too():
             bank(torch.randn(2, 6))
 
 
+def test_a_router_built_routing_set_after_a_removal_is_refused():
+    """A router stamps its routing with the bank layout; built before ``remove_expert`` and set
+    after, it would route to the experts that moved into the old indices: refused. A new routing
+    from the router, and hand-built routings (no stamp), are accepted."""
+    from moe_lora.core.routing import RouterInput
+    from moe_lora.routers import TaskRouter, TaskRouterConfig
+
+    bank = bank_of(["a", "b", "c"])
+    for i in range(3):
+        bank.experts[i].task = i
+    router = TaskRouter(TaskRouterConfig(), bank)
+    batch = RouterInput(task_ids=torch.tensor([2, 2, 1]))
+    old = router.routing(batch)
+    assert old.layout == bank.ctx.layout and old.expand(2).layout == old.layout
+    bank.remove_expert("a")
+    for stale in (old, old.expand(2)):
+        with pytest.raises(RuntimeError, match="built before an expert was removed"):
+            bank.set_routing(stale)
+    with pytest.raises(RuntimeError, match="built before an expert was removed"):
+        with bank.use(old):
+            pass
+    fresh = router.routing(batch)  # "c" (task 2) is index 1 now, "b" (task 1) index 0
+    assert fresh.indices[:, 0].tolist() == [1, 1, 0]
+    with bank.use(fresh):
+        bank(torch.randn(3, 6))
+    bank.set_routing(Routing.per_sample(torch.tensor([1, 1, 0])))  # by hand: not stamped
+
+
 def test_a_routing_for_another_batch_size_is_refused_even_when_uniform():
     bank = bank_of(["a", "b"])
     x = torch.randn(4, 6)

@@ -244,7 +244,8 @@ class ExpertBank(nn.Module):
         """``routing`` if its experts exist in this bank (one host sync for index tensors).
 
         Raises:
-            RuntimeError: the bank is merged or unloaded and the routing names experts.
+            RuntimeError: the bank is merged or unloaded and the routing names experts, or the
+                routing was stamped (:meth:`Routing.for_layout`) for an older layout.
             IndexError / ValueError: see :func:`moe_lora.core.routing.check_routing_values`.
         """
         if routing.kind in ("base", "gated"):
@@ -252,6 +253,11 @@ class ExpertBank(nn.Module):
         self._refuse_if_unloaded("route to experts")
         if self._merged is not None:
             raise RuntimeError("the bank is merged; call unmerge() before routing to experts")
+        if routing.layout is not None and routing.layout != self.ctx.layout:
+            raise RuntimeError(
+                "this routing was built before an expert was removed from the bank, so its "
+                "indices name other experts now; ask the router for a new routing"
+            )
         check_routing_values(routing, len(self))
         return routing
 

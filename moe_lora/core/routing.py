@@ -156,6 +156,19 @@ class Routing:
             object.__setattr__(self, "_valid", True)
         return self
 
+    def for_layout(self, layout: int) -> Routing:
+        """Stamp this routing with the bank layout its indices were computed for
+        (``bank.ctx.layout``; routers do this): setting it after an expert was removed then
+        raises instead of routing to the experts that moved into the old indices."""
+        object.__setattr__(self, "_layout", int(layout))
+        return self
+
+    @property
+    def layout(self) -> int | None:
+        """The bank layout this routing was built for (:meth:`for_layout`), or None (unknown:
+        routings built by hand are not checked)."""
+        return self.__dict__.get("_layout")
+
     @property
     def valid(self) -> bool:
         """Whether the builder promised that no index is ``-1`` (``per_sample``/``per_token``
@@ -229,8 +242,9 @@ class Routing:
         indices = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
         weights = None if self.weights is None else self.weights.repeat_interleave(n, dim=0)
         routing = Routing(self.kind, self.expert, indices, weights)._promise(self.valid)
-        if self.__dict__.get("_unit", False):
-            object.__setattr__(routing, "_unit", True)
+        for key in ("_unit", "_layout"):  # what the builder knew holds for the repeated rows
+            if key in self.__dict__:
+                object.__setattr__(routing, key, self.__dict__[key])
         return routing
 
     @property
