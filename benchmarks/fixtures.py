@@ -30,6 +30,7 @@ __all__ = [
     "hidden_loss",
     "expert_reference",
     "forward_fn",
+    "random_model_folder",
 ]
 
 RANK = 8
@@ -156,3 +157,22 @@ def forward_fn(model: ExpertBank | nn.Module, batch: dict[str, Tensor],
             return model(**batch, **kwargs).last_hidden_state
 
     return run
+
+
+def random_model_folder(dest: str | os.PathLike[str], name: str = "minilm") -> Path:
+    """A Hugging Face model folder for embedded model ``name`` with random weights: its config
+    (``benchmarks/configs/<name>.json``), its tokenizer (``benchmarks/configs/<name>-tokenizer/``,
+    MiniLM's vocabulary) and freshly initialised weights (seed 0). The continual engine loads
+    it as ``model.name=<folder>``: the text engine runs where the embedded packages cannot be
+    installed (a GPU machine with no network), for equality and crash checks, not accuracy."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    out = Path(dest)
+    tokenizer_dir = _CONFIGS / f"{name}-tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"{tokenizer_dir}: no vendored tokenizer for {name!r}")
+    cfg = json.loads((_CONFIGS / f"{name}.json").read_text())
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(**cfg)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out

@@ -56,7 +56,7 @@ install() {  # the carried wheels (benchmarks/gpu_wheels.sh), then this project,
   return $rc
 }
 export -f install
-step install 90 bash -c install
+step install 60 bash -c install
 # The installed package, never the checkout's moe_lora/ (which lacks routers/ and memory/): no
 # process puts its working folder first on sys.path (PYTHONSAFEPATH, inherited by subprocesses).
 export PYTHONPATH=/tmp/site:$PWD PYTHONSAFEPATH=1
@@ -68,7 +68,7 @@ PY
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available()" || { status=1; finish; }
 fi
-step tests 120 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
+step tests 180 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
   tests/test_continual_digits.py tests/test_continual_ddp.py
 engine() {
   for acc in "$ACC" cpu; do
@@ -84,7 +84,7 @@ engine() {
   fi
 }
 export -f engine
-step engine 150 bash -c engine
+step engine 90 bash -c engine
 # The speed goals at their own shapes (bf16 first: the goals are stated in bf16), and the
 # GPU-sized scale rows; results are rewritten after every case, so a step cut short keeps its rows.
 if [ "$DEVICE" = cuda ]; then

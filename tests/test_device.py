@@ -196,3 +196,86 @@ def test_engine_in_bf16_mixed_matches_fp32(device, tmp_path):
         aa16 = results["bf16-mixed"][name]["average_accuracy"]
         assert abs(aa32 - aa16) <= 0.03, (name, aa32, aa16)
     assert results["bf16-mixed"]["experts-taskid"]["average_accuracy"] >= 0.9
+
+
+def _tiny_text_stream(path) -> None:
+    """Two tasks of two intents each, as a data file (text, label, task, split) with distinct
+    keywords per intent."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    intents = {"weather": {"rain": "umbrella rain storm", "sun": "sunny hot beach"},
+               "music": {"play": "play song album", "stop": "stop pause silence"}}
+    fill = "please could you tell me now today about the thing for my friend".split()
+    rows = []
+    for task, labels in intents.items():
+        for label, words in labels.items():
+            for split, n in (("train", 16), ("val", 4), ("test", 8)):
+                for _ in range(n):
+                    text = " ".join(rng.sample(words.split() + rng.sample(fill, 4), 7))
+                    rows.append({"text": text, "label": label, "task": task, "split": split})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_text_engine_on_device(device, tmp_path):
+    """The continual engine on a text stream (the issue's CUDA crash was O-LoRA on one): a
+    MiniLM-architecture folder with random weights (what a GPU machine without the embedded
+    packages can build), a two-task file stream, every kind of strategy. Frozen experts keep
+    their task-aware accuracy exactly (forgetting 0) and every result is a finite number."""
+    import math
+
+    from benchmarks.fixtures import random_model_folder
+    from moe_lora.continual.runner import run_continual
+    from moe_lora.continual.settings import load_config
+
+    model = random_model_folder(tmp_path / "minilm-random")
+    _tiny_text_stream(tmp_path / "stream.jsonl")
+    acc = "cpu" if device.type == "cpu" else "gpu"
+    cfg = load_config("configs/clinc150.yaml", [
+        f"model.name={model}", f"data.path={tmp_path / 'stream.jsonl'}", "data.order=sorted",
+        f"output.dir={tmp_path / 'run'}", f"train.accelerator={acc}", "train.epochs=1",
+        "strategies.run=[replay,olora,ranpac,experts-taskid,experts-retrieval,experts-mole,"
+        "experts-stats]", "strategies.experts.mole.epochs=1", "output.plots=false"])
+    results = run_continual(cfg, progress=False)["strategies"]
+    assert set(results) >= {"olora", "experts-taskid", "experts-stats", "experts-mole"}
+    assert results["experts-taskid"]["forgetting"] == pytest.approx(0.0, abs=1e-9)
+    for name, r in results.items():
+        assert math.isfinite(r["average_accuracy"]), name
+
+
+def test_engine_trains_lora_layers_in_train_mode_and_evaluates_in_eval_mode(tmp_path, monkeypatch):
+    """The bank wraps the backbone's eval-mode model, so its LoRA layers start in eval mode, and
+    Lightning keeps submodules' modes: the engine switches them to train mode for each fit
+    (expert dropout applies) and back to eval mode after it (evaluation is deterministic)."""
+    from benchmarks.fixtures import random_model_folder
+    from moe_lora.continual.module import MoELoRAModule
+    from moe_lora.continual.runner import run_continual
+    from moe_lora.continual.settings import load_config
+
+    seen: dict[str, set[bool]] = {"train": set(), "eval": set()}
+    step, logits = MoELoRAModule.training_step, MoELoRAModule.logits
+
+    def training_step(self, batch, batch_idx):
+        seen["train"].add(all(layer.training for layer in self.bank.layers.values()))
+        seen["train"].add(not any(layer.base.training for layer in self.bank.layers.values()))
+        return step(self, batch, batch_idx)
+
+    def eval_logits(self, batch, routing):
+        if not self.trainer_attached():
+            seen["eval"].add(not any(layer.training for layer in self.bank.layers.values()))
+        return logits(self, batch, routing)
+
+    monkeypatch.setattr(MoELoRAModule, "training_step", training_step)
+    monkeypatch.setattr(MoELoRAModule, "logits", eval_logits)
+    monkeypatch.setattr(MoELoRAModule, "trainer_attached",
+                        lambda self: self._trainer is not None and self.trainer.training,
+                        raising=False)
+    model = random_model_folder(tmp_path / "minilm-random")
+    _tiny_text_stream(tmp_path / "stream.jsonl")
+    cfg = load_config("configs/clinc150.yaml", [
+        f"model.name={model}", f"data.path={tmp_path / 'stream.jsonl'}", "model.dropout=0.3",
+        f"output.dir={tmp_path / 'run'}", "train.accelerator=cpu", "train.epochs=1",
+        "strategies.run=[naive]", "output.plots=false"])
+    run_continual(cfg, progress=False)
+    assert seen == {"train": {True}, "eval": {True}}

@@ -175,6 +175,22 @@ class MoELoRAModule(L.LightningModule):
         self.register_buffer("train_classes", classes, persistent=False)
         self.skipped_batches = 0
 
+    # ------------------------------------------------------------------ modes
+    def on_train_start(self) -> None:
+        """The LoRA layers (expert dropout, gate jitter and losses) train for the fit. Lightning
+        keeps each submodule's mode, and the bank's layers follow the frozen base, which stays in
+        eval mode (its own dropout off)."""
+        self._lora_mode(True)
+
+    def on_train_end(self) -> None:
+        """Back to eval mode: what runs between fits (evaluation, routing) is deterministic."""
+        self._lora_mode(False)
+
+    def _lora_mode(self, training: bool) -> None:
+        for layer in self.bank.layers.values():
+            layer.train(training)
+            layer.base.train(False)  # the frozen base module keeps eval mode
+
     # ------------------------------------------------------------------ forward
     def routing(self, batch_size: int, mode: str | None = None) -> Routing:
         """The plan's routing (or ``mode``) as a :class:`Routing` for a batch of ``batch_size``."""
