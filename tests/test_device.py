@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from stream_helpers import tiny_text_stream
 from torch import nn
 
 from moe_lora import ExpertBank, ExpertConfig, Routing
@@ -198,26 +199,6 @@ def test_engine_in_bf16_mixed_matches_fp32(device, tmp_path):
     assert results["bf16-mixed"]["experts-taskid"]["average_accuracy"] >= 0.9
 
 
-def _tiny_text_stream(path) -> None:
-    """Two tasks of two intents each, as a data file (text, label, task, split) with distinct
-    keywords per intent."""
-    import json
-    import random
-
-    rng = random.Random(0)
-    intents = {"weather": {"rain": "umbrella rain storm", "sun": "sunny hot beach"},
-               "music": {"play": "play song album", "stop": "stop pause silence"}}
-    fill = "please could you tell me now today about the thing for my friend".split()
-    rows = []
-    for task, labels in intents.items():
-        for label, words in labels.items():
-            for split, n in (("train", 16), ("val", 4), ("test", 8)):
-                for _ in range(n):
-                    text = " ".join(rng.sample(words.split() + rng.sample(fill, 4), 7))
-                    rows.append({"text": text, "label": label, "task": task, "split": split})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
 def test_text_engine_on_device(device, tmp_path):
     """The continual engine on a text stream (the issue's CUDA crash was O-LoRA on one): a
     MiniLM-architecture folder with random weights (what a GPU machine without the embedded
@@ -230,7 +211,7 @@ def test_text_engine_on_device(device, tmp_path):
     from moe_lora.continual.settings import load_config
 
     model = random_model_folder(tmp_path / "minilm-random")
-    _tiny_text_stream(tmp_path / "stream.jsonl")
+    tiny_text_stream(tmp_path / "stream.jsonl")
     acc = "cpu" if device.type == "cpu" else "gpu"
     cfg = load_config("configs/clinc150.yaml", [
         f"model.name={model}", f"data.path={tmp_path / 'stream.jsonl'}", "data.order=sorted",
@@ -272,7 +253,7 @@ def test_engine_trains_lora_layers_in_train_mode_and_evaluates_in_eval_mode(tmp_
                         lambda self: self._trainer is not None and self.trainer.training,
                         raising=False)
     model = random_model_folder(tmp_path / "minilm-random")
-    _tiny_text_stream(tmp_path / "stream.jsonl")
+    tiny_text_stream(tmp_path / "stream.jsonl")
     cfg = load_config("configs/clinc150.yaml", [
         f"model.name={model}", f"data.path={tmp_path / 'stream.jsonl'}", "model.dropout=0.3",
         f"output.dir={tmp_path / 'run'}", "train.accelerator=cpu", "train.epochs=1",

@@ -149,3 +149,31 @@ def test_frozen_feature_kinds_read_their_own_table():
     assert one.frozen_features(ex, "layers").tolist() == [[0, 1], [1, 0]]
     with pytest.raises(ConfigError, match="strategies.ncm.features"):
         NCMOptions(features="penultimate")
+
+
+def test_the_multi_layer_feature_table_is_built_only_when_a_strategy_reads_it(tmp_path):
+    """Strategies declare the frozen feature kinds they read (``Strategy.feature_kinds``): the
+    options' ``features`` fields, and for ``experts`` only ``experts-stats``'s. The runner pools
+    the extra layers (``[feature_layers * D]`` per example) only when some strategy reads
+    ``layers``; otherwise the features table holds the embeddings' own rows."""
+    from stream_helpers import tiny_text_stream
+
+    from benchmarks.fixtures import random_model_folder
+    from moe_lora.continual.strategies.experts import Experts, ExpertsOptions
+    from moe_lora.continual.strategies.frozen import NCM, NCMOptions
+
+    assert NCM.feature_kinds(NCMOptions(), ["ncm"]) == {"sentence"}
+    assert NCM.feature_kinds(NCMOptions(features="layers"), ["ncm"]) == {"layers"}
+    assert Experts.feature_kinds(ExpertsOptions(), ["experts-taskid", "experts-mole"]) == set()
+    assert Experts.feature_kinds(ExpertsOptions(), ["experts-stats"]) == {"layers"}
+    model = random_model_folder(tmp_path / "minilm-random")
+    tiny_text_stream(tmp_path / "stream.jsonl")
+    for run, expected in (("[naive,ncm,experts-taskid]", 1), ("[naive,experts-stats]", 3)):
+        cfg = load_config("configs/clinc150.yaml", [
+            f"model.name={model}", f"data.path={tmp_path / 'stream.jsonl'}",
+            f"output.dir={tmp_path / 'run'}", f"strategies.run={run}"])
+        ctx = ContinualRunner(cfg, progress=False).ctx
+        assert ctx.feature_layers == expected, run
+        key = next(iter(ctx.embeddings))
+        assert ctx.features[key].shape == (expected * ctx.backbone.dim,)
+        assert np.shares_memory(ctx.features[key], ctx.embeddings[key]) == (expected == 1)

@@ -137,6 +137,10 @@ class ContinualRunner:
         targets = backbone.lora_targets(cfg.model.targets)
         bank = ExpertBank(backbone.model, targets=targets, base_id=cfg.model.name)
         layers = feature_layers(cfg.model.feature_layers, backbone)
+        if not any("layers" in spec.cls.feature_kinds(registry.options_of(spec, cfg.strategies),
+                                                      results)
+                   for spec, results in registry.resolve(cfg.strategies.run)):
+            layers = 1  # no strategy reads them: the features table is the embeddings' own rows
         tasks, table, features = prepare_stream(self.stream, backbone, bank, progress=self.show,
                                                 layers=layers)
         backbone.to(self.device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,27 @@ class Strategy(ABC):
         self.fwt_baseline: list[float] | None = None
 
     # ---------------------------------------------------------------- lifecycle
+    @classmethod
+    def feature_kinds(cls, options: Any, results: list[str]) -> set[str]:
+        """The :data:`FEATURE_KINDS` this strategy will read through
+        :meth:`RunContext.frozen_features` for ``results``. The runner builds the multi-layer
+        feature table only when some strategy reads ``layers``. The default finds every
+        ``features`` field in ``options``, nested dataclasses included; a strategy whose results
+        use only some of its options narrows it."""
+        found: set[str] = set()
+
+        def scan(obj: Any) -> None:
+            if is_dataclass(obj) and not isinstance(obj, type):
+                for f in fields(obj):
+                    value = getattr(obj, f.name)
+                    if f.name == "features" and isinstance(value, str):
+                        found.add(value)
+                    else:
+                        scan(value)
+
+        scan(options)
+        return found
+
     @classmethod
     def steps(cls, n_tasks: int) -> int:
         """Training steps of this strategy on a stream of ``n_tasks`` (``joint`` has one)."""

@@ -67,6 +67,11 @@ class Experts(Strategy):
 
     options: ExpertsOptions
 
+    @classmethod
+    def feature_kinds(cls, options: ExpertsOptions, results: list[str]) -> set[str]:
+        """Only the statistics router reads frozen features (``stats.features``)."""
+        return {options.stats.features} if "experts-stats" in results else set()
+
     def __init__(self, ctx: RunContext, options: ExpertsOptions, results: list[str]):
         super().__init__(ctx, options, results)
         names = {r: r.removeprefix("experts-") for r in results}
