@@ -55,15 +55,18 @@ def random_weights() -> bool:
 def load_model(name: str, settings: Settings) -> nn.Module:
     """A fresh copy of embedded model ``name`` (encoder, no LM head), eval mode, on device/dtype;
     random weights of the same architecture when :func:`random_weights` says so."""
-    if random_weights():
-        from transformers import AutoConfig, AutoModel
-
-        cfg = json.loads((_CONFIGS / f"{name}.json").read_text())
-        torch.manual_seed(0)
-        model = AutoModel.from_config(AutoConfig.for_model(**cfg))
-    else:
-        model = load_base(name, task="encoder").model
+    model = _random_model(name) if random_weights() else load_base(name, task="encoder").model
     return model.to(device=settings.device, dtype=settings.dtype).eval()
+
+
+def _random_model(name: str) -> nn.Module:
+    """Embedded model ``name``'s architecture (``benchmarks/configs/<name>.json``), weights
+    initialised with seed 0."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = json.loads((_CONFIGS / f"{name}.json").read_text())
+    torch.manual_seed(0)
+    return AutoModel.from_config(AutoConfig.for_model(**cfg))
 
 
 def targets_of(name: str) -> list[str]:
@@ -165,14 +168,12 @@ def random_model_folder(dest: str | os.PathLike[str], name: str = "minilm") -> P
     MiniLM's vocabulary) and freshly initialised weights (seed 0). The continual engine loads
     it as ``model.name=<folder>``: the text engine runs where the embedded packages cannot be
     installed (a GPU machine with no network), for equality and crash checks, not accuracy."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = Path(dest)
     tokenizer_dir = _CONFIGS / f"{name}-tokenizer"
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"{tokenizer_dir}: no vendored tokenizer for {name!r}")
-    cfg = json.loads((_CONFIGS / f"{name}.json").read_text())
-    torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.for_model(**cfg)).save_pretrained(out)
+    _random_model(name).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out

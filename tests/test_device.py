@@ -243,15 +243,12 @@ def test_engine_trains_lora_layers_in_train_mode_and_evaluates_in_eval_mode(tmp_
         return step(self, batch, batch_idx)
 
     def eval_logits(self, batch, routing):
-        if not self.trainer_attached():
+        if self._trainer is None or not self.trainer.training:  # outside a fit: evaluation
             seen["eval"].add(not any(layer.training for layer in self.bank.layers.values()))
         return logits(self, batch, routing)
 
     monkeypatch.setattr(MoELoRAModule, "training_step", training_step)
     monkeypatch.setattr(MoELoRAModule, "logits", eval_logits)
-    monkeypatch.setattr(MoELoRAModule, "trainer_attached",
-                        lambda self: self._trainer is not None and self.trainer.training,
-                        raising=False)
     model = random_model_folder(tmp_path / "minilm-random")
     tiny_text_stream(tmp_path / "stream.jsonl")
     cfg = load_config("configs/clinc150.yaml", [

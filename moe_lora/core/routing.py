@@ -241,8 +241,8 @@ class Routing:
             return self
         indices = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
         weights = None if self.weights is None else self.weights.repeat_interleave(n, dim=0)
-        routing = Routing(self.kind, self.expert, indices, weights)._promise(self.valid)
-        for key in ("_unit", "_layout"):  # what the builder knew holds for the repeated rows
+        routing = Routing(self.kind, self.expert, indices, weights)
+        for key in ("_unit", "_valid", "_layout"):  # what the builder knew holds for the copy
             if key in self.__dict__:
                 object.__setattr__(routing, key, self.__dict__[key])
         return routing
